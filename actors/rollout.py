@@ -1,0 +1,69 @@
+"""RolloutActor: a Ray actor hosting one engine; prompts in, an Arrow table of rollouts out."""
+from __future__ import annotations
+
+import logging
+import time
+
+import pyarrow as pa
+import ray
+
+from .config import EngineConfig
+
+log = logging.getLogger("groupflow.actors")
+
+ROLLOUT_SCHEMA = pa.schema([
+    ("prompt_id", pa.string()),
+    ("group_id", pa.int32()),
+    ("prompt_token_ids", pa.list_(pa.int32())),
+    ("completion_token_ids", pa.list_(pa.int32())),
+    ("logprobs", pa.list_(pa.float32())),
+    ("completion", pa.string()),
+    ("finish_reason", pa.string()),
+    ("policy_version", pa.int32()),
+])
+
+
+@ray.remote
+class RolloutActor:
+    def __init__(self, cfg: EngineConfig, model_path: str, seed: int, rank: int):
+        logging.basicConfig(level=logging.INFO, format=f"[engine {rank}] %(message)s")
+        from .vllm_engine import VLLMEngine
+
+        start = time.monotonic()
+        self.rank, self.policy_version = rank, 0
+        self.engine = VLLMEngine(cfg, model_path, seed + rank)
+        log.info("engine up in %.1fs", time.monotonic() - start)
+
+    def ready(self) -> int:
+        return self.rank
+
+    def generate(self, rows: list[dict], group_ids: list[int], n: int, greedy: bool = False) -> pa.Table:
+        """All prompts go to the engine at once; each comes back as n rows of one group."""
+        prompt_ids = [self.engine.chat_token_ids(r["messages"]) for r in rows]
+        outs = self.engine.generate(prompt_ids, n, greedy)
+        cols = {k: [] for k in ROLLOUT_SCHEMA.names}
+        for row, gid, pids, samples in zip(rows, group_ids, prompt_ids, outs):
+            for s in samples:
+                cols["prompt_id"].append(row["id"])
+                cols["group_id"].append(gid)
+                cols["prompt_token_ids"].append(pids)
+                cols["completion_token_ids"].append(s["token_ids"])
+                cols["logprobs"].append(s["logprobs"])
+                cols["completion"].append(s["text"])
+                cols["finish_reason"].append(s["finish_reason"])
+                cols["policy_version"].append(self.policy_version)
+        return pa.table(cols, schema=ROLLOUT_SCHEMA)
+
+    def init_weight_sync(self, host: str, port: int, rank_offset: int, world_size: int,
+                         backend: str, timeout_s: float) -> list[int]:
+        return self.engine.init_weight_sync(host, port, rank_offset, world_size, backend, timeout_s)
+
+    def load_weights(self, plan, version: int) -> int:
+        start = time.monotonic()
+        self.engine.load_weights(plan)
+        self.policy_version = version
+        log.info("weights v%d loaded in %.2fs", version, time.monotonic() - start)
+        return version
+
+    def weight_checksum(self) -> float:
+        return self.engine.weight_checksum()

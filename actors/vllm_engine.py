@@ -1,0 +1,74 @@
+"""The one place that knows vLLM's API and its CPU quirks."""
+from __future__ import annotations
+
+import os
+
+from .config import EngineConfig
+
+EXTENSION = "actors.vllm_worker_ext.WeightSyncExtension"
+
+
+def _configure_env(cfg: EngineConfig) -> None:
+    # In-process engine core: starts in seconds, and collective_rpc reaches the worker directly.
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if cfg.device == "cpu":
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(cfg.kv_cache_gib)))
+        import torch
+        torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
+
+
+class VLLMEngine:
+    def __init__(self, cfg: EngineConfig, model_path: str, seed: int):
+        _configure_env(cfg)
+        from vllm import LLM
+
+        self.cfg = cfg
+        kwargs = dict(
+            model=model_path, dtype=cfg.dtype, seed=seed, enforce_eager=cfg.enforce_eager,
+            max_model_len=cfg.max_model_len, tensor_parallel_size=cfg.tensor_parallel_size,
+            worker_extension_cls=EXTENSION,
+        )
+        if cfg.device == "cuda":
+            kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+        self.llm = LLM(**kwargs)
+        self.tokenizer = self.llm.get_tokenizer()
+
+    def chat_token_ids(self, messages: list[dict]) -> list[int]:
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def generate(self, prompt_ids: list[list[int]], n: int, greedy: bool) -> list[list[dict]]:
+        """For each prompt, n samples: token ids, per-token logprobs, text, finish reason."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        # Engine-level seed only: a per-request seed kills the CPU engine under chunked prefill.
+        params = SamplingParams(
+            n=n, max_tokens=self.cfg.max_new_tokens, logprobs=0,
+            temperature=0.0 if greedy else self.cfg.temperature,
+            top_p=1.0 if greedy else self.cfg.top_p)
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], params,
+                                 use_tqdm=False)
+        result = []
+        for out in outs:
+            samples = []
+            for c in out.outputs:
+                ids = list(c.token_ids)
+                lps = [c.logprobs[i][t].logprob for i, t in enumerate(ids)] if c.logprobs else []
+                samples.append({"token_ids": ids, "logprobs": lps, "text": c.text,
+                                "finish_reason": c.finish_reason or "length"})
+            result.append(samples)
+        return result
+
+    def init_weight_sync(self, host, port, rank_offset, world_size, backend, timeout_s) -> list[int]:
+        return self.llm.collective_rpc("gf_init_sync",
+                                       args=(host, port, rank_offset, world_size, backend, timeout_s))
+
+    def load_weights(self, plan) -> None:
+        self.llm.collective_rpc("gf_receive", args=(plan,))
+        # Cached prefixes were computed with the old weights.
+        self.llm.reset_prefix_cache()
+
+    def weight_checksum(self) -> float:
+        return self.llm.collective_rpc("gf_weight_checksum")[0]

