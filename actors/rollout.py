@@ -62,7 +62,7 @@ class RolloutActor:
         start = time.monotonic()
         self.engine.load_weights(plan)
         self.policy_version = version
-        log.info("weights v%d loaded in %.2fs", version, time.monotonic() - start)
+        log.debug("weights v%d loaded in %.2fs", version, time.monotonic() - start)
         return version
 
     def weight_checksum(self) -> float:

@@ -1,7 +1,9 @@
 """The one place that knows vLLM's API and its CPU quirks."""
 from __future__ import annotations
 
+import logging
 import os
+import warnings
 
 from .config import EngineConfig
 
@@ -9,9 +11,13 @@ EXTENSION = "actors.vllm_worker_ext.WeightSyncExtension"
 
 
 def _configure_env(cfg: EngineConfig) -> None:
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    if "VLLM_LOGGING_LEVEL" not in os.environ:
+        logging.getLogger("vllm").setLevel(logging.ERROR)
     # In-process engine core: starts in seconds, and collective_rpc reaches the worker directly.
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # keep the driver's progress bar readable
     if cfg.device == "cpu":
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(cfg.kv_cache_gib)))
         import torch
@@ -27,7 +33,10 @@ class VLLMEngine:
         kwargs = dict(
             model=model_path, dtype=cfg.dtype, seed=seed, enforce_eager=cfg.enforce_eager,
             max_model_len=cfg.max_model_len, tensor_parallel_size=cfg.tensor_parallel_size,
-            worker_extension_cls=EXTENSION,
+            worker_extension_cls=EXTENSION, use_tqdm_on_load=False,
+            # Logprobs of the distribution actually sampled (after temperature), which is what
+            # the learner recomputes; identical to raw logprobs at temperature 1.
+            logprobs_mode="processed_logprobs",
         )
         if cfg.device == "cuda":
             kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization

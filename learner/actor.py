@@ -9,13 +9,14 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import ray
 import torch
 
 from .algorithms import grpo_loss, masked_mean
-from .batch import Micro, completion_logprobs, make_micro, pad_ragged
+from .batch import Micro, completion_logprobs, make_micro, stack_padded
 from .config import AlgorithmConfig, LearnerConfig
 
 log = logging.getLogger("groupflow.learner")
@@ -51,6 +52,15 @@ def ds_config(cfg: LearnerConfig, world_size: int, local_batch: int, train: bool
     return conf
 
 
+def _quiet(deepspeed, transformers) -> None:
+    """Library chatter (deprecations, load bars) would bury the driver's progress bar."""
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    deepspeed.utils.logger.setLevel(logging.WARNING)
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
 @ray.remote
 class LearnerActor:
     def __init__(self, cfg: LearnerConfig, algo: AlgorithmConfig, model_path: str, rank: int,
@@ -74,8 +84,10 @@ class LearnerActor:
             os.environ["DS_ACCELERATOR"] = "cpu"
             torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // world_size))
         import deepspeed
+        import transformers
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        _quiet(deepspeed, transformers)
         deepspeed.init_distributed(dist_backend="gloo" if cfg.device == "cpu" else "nccl")
         self.device = torch.device("cpu") if cfg.device == "cpu" else torch.device("cuda", 0)
         tok = AutoTokenizer.from_pretrained(model_path)
@@ -138,8 +150,8 @@ class LearnerActor:
             for k in range(self.cfg.minibatches):
                 for mb in self._micros(shard, perm[k * per_mb: (k + 1) * per_mb]):
                     C = mb.comp_ids.size(1)
-                    old_lp = torch.stack([torch.nn.functional.pad(old[i], (0, C - old[i].numel()))[:C] for i in mb.rows])
-                    ref_lp = torch.stack([torch.nn.functional.pad(ref[i], (0, C - ref[i].numel()))[:C] for i in mb.rows])
+                    old_lp = stack_padded([old[i] for i in mb.rows], C)
+                    ref_lp = stack_padded([ref[i] for i in mb.rows], C)
                     adv = torch.tensor([shard["advantage"][i] for i in mb.rows], device=self.device)
                     logp, ent = completion_logprobs(self.engine, mb, self.temperature, with_entropy=True)
                     loss, stats = grpo_loss(logp, old_lp, ref_lp, adv, mb.comp_mask, self.algo.clip_eps,

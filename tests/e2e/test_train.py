@@ -80,5 +80,6 @@ def test_weight_sync_is_real_and_its_absence_shows(smoke, tmp_path):
 
     stale = train_smoke(tmp_path / "nosync", "sync.enabled=false", "trainer.eval=false")
     stale_diffs = [r["logprob_abs_diff_mean"] for r in stale]
-    assert stale_diffs[0] < SYNC_TOL  # same initial weights on both sides
-    assert stale_diffs[-1] > 10 * SYNC_TOL and stale_diffs[-1] > stale_diffs[1] > stale_diffs[0], stale_diffs
+    assert stale_diffs[0] < SYNC_TOL, stale_diffs  # same initial weights on both sides
+    # The learner moved on and the engines did not: every later step is far off.
+    assert all(d > 10 * SYNC_TOL for d in stale_diffs[1:]), stale_diffs
