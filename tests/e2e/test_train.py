@@ -49,12 +49,16 @@ def test_smoke_run_writes_metrics_rollouts_and_checkpoint(smoke):
     assert 0.0 <= summary["eval_accuracy_start"] <= 1.0 and "eval_accuracy_end" in summary
 
     from transformers import AutoModelForCausalLM
+    ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert ckpts == ["final", "step_000002"], ckpts  # every K=2 steps, then the end; no temp dirs left
     final = AutoModelForCausalLM.from_pretrained(run_dir / "checkpoints" / "final", dtype=torch.float32)
+    mid = AutoModelForCausalLM.from_pretrained(run_dir / "checkpoints" / "step_000002", dtype=torch.float32)
     init = AutoModelForCausalLM.from_pretrained(run_dir / "initial_model", dtype=torch.float32)
     fin_sd, init_sd = final.state_dict(), init.state_dict()
     assert fin_sd.keys() == init_sd.keys()
     changed = [k for k in fin_sd if not torch.equal(fin_sd[k], init_sd[k])]
     assert len(changed) > len(fin_sd) // 2, f"only {changed} changed"
+    assert not torch.equal(mid.state_dict()["model.norm.weight"], fin_sd["model.norm.weight"])
 
 
 def test_checkpoint_loads_in_vllm(smoke):
