@@ -50,7 +50,7 @@ class ModelConfig(BaseModel):
 
 class TrainerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    steps: int = Field(15, ge=1)
+    steps: int = Field(12, ge=1)
     prompts_per_step: int = Field(8, ge=1)
     group_size: int = Field(8, ge=2, description="G: completions per prompt")
     seed: int = 0

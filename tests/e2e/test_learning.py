@@ -1,0 +1,25 @@
+"""SmolLM2-135M-Instruct really learns: the default run, shortened, lifts held-out accuracy."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.e2e
+
+
+def test_default_run_raises_held_out_accuracy(tmp_path):
+    # Measured: 0.19 -> 0.35 on these 100 held-out problems after 8 steps (~10 min here).
+    run_dir = tmp_path / "learn"
+    cmd = [sys.executable, "-m", "cluster.cli", "train", "--run-dir", str(run_dir), "--no-progress",
+           "trainer.steps=8", "rewards.task.eval_size=100"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-8000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["eval_accuracy_end"] >= summary["eval_accuracy_start"] + 0.08, summary
+    rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    # bf16 engine vs bf16 learner on the same weights: ~0.04 measured; stale weights give far more.
+    assert all(r["logprob_abs_diff_mean"] < 0.1 for r in rows), [r["logprob_abs_diff_mean"] for r in rows]
+    assert (run_dir / "checkpoints" / "final" / "model.safetensors").is_file()
