@@ -28,7 +28,8 @@ def start_ray(cfg: Config) -> None:
     address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
     env = {"env_vars": ACTOR_ENV}
     if address:
-        ray.init(address=address, runtime_env=env, log_to_driver=True)
+        # Inside `ray job submit` the job's runtime_env (working_dir) must stay the actors' env.
+        ray.init(address=address, log_to_driver=True)
         return
     need = (cfg.engines.num_engines * cfg.engines.cpus_per_engine
             + cfg.learner.num_ranks * cfg.learner.cpus_per_rank

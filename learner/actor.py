@@ -80,6 +80,7 @@ class LearnerActor:
         cfg, world_size, local_batch, model_path = self.cfg, self.world_size, self.local_batch, self.model_path
         os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0",
                           MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
         if cfg.device == "cpu":
             os.environ["DS_ACCELERATOR"] = "cpu"
             torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // world_size))
