@@ -64,6 +64,3 @@ class RolloutActor:
         self.policy_version = version
         log.debug("weights v%d loaded in %.2fs", version, time.monotonic() - start)
         return version
-
-    def weight_checksum(self) -> float:
-        return self.engine.weight_checksum()

@@ -78,6 +78,3 @@ class VLLMEngine:
         self.llm.collective_rpc("gf_receive", args=(plan,))
         # Cached prefixes were computed with the old weights.
         self.llm.reset_prefix_cache()
-
-    def weight_checksum(self) -> float:
-        return self.llm.collective_rpc("gf_weight_checksum")[0]

@@ -11,7 +11,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-SMOLLM2 = "smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
