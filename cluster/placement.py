@@ -85,7 +85,8 @@ def create_roles(cfg: Config, model_path: str) -> Roles:
     engines = [RolloutActor.options(num_cpus=e.cpus_per_engine,
                                     num_gpus=e.tensor_parallel_size if gpu else 0, **o)
                .remote(e, model_path, cfg.trainer.seed, i) for i, o in enumerate(eng_opts)]
-    learner = LearnerGroup(lc, cfg.algorithm, model_path, cfg.local_batch, e.temperature, lrn_opts, t)
+    learner = LearnerGroup(lc, cfg.algorithm, model_path, cfg.local_batch, e.temperature,
+                           e.max_new_tokens, lrn_opts, t)
     rewards = RewardPool(cfg.rewards, rwd_opts)
     try:
         ray.get([a.ready.remote() for a in engines], timeout=t)

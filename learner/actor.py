@@ -64,10 +64,11 @@ def _quiet(deepspeed, transformers) -> None:
 @ray.remote
 class LearnerActor:
     def __init__(self, cfg: LearnerConfig, algo: AlgorithmConfig, model_path: str, rank: int,
-                 world_size: int, local_batch: int, temperature: float):
+                 world_size: int, local_batch: int, temperature: float, max_new_tokens: int):
         logging.basicConfig(level=logging.INFO, format=f"[learner {rank}] %(message)s")
         self.cfg, self.algo, self.rank, self.world_size = cfg, algo, rank, world_size
         self.model_path, self.local_batch, self.temperature = model_path, local_batch, temperature
+        self.max_new_tokens = max_new_tokens  # the constant of Dr.GRPO's token-sum normalization
         self.micro = micro_size(cfg, local_batch)
 
     def address(self) -> tuple[str, int]:
@@ -146,6 +147,7 @@ class LearnerActor:
         count = 0
         per_mb = n // self.cfg.minibatches
         g = torch.Generator().manual_seed(int(shard.get("seed", 0)))
+        a = self.algo
         for _ in range(self.cfg.epochs):
             perm = torch.randperm(n, generator=g).tolist()
             for k in range(self.cfg.minibatches):
@@ -155,8 +157,9 @@ class LearnerActor:
                     ref_lp = stack_padded([ref[i] for i in mb.rows], C)
                     adv = torch.tensor([shard["advantage"][i] for i in mb.rows], device=self.device)
                     logp, ent = completion_logprobs(self.engine, mb, self.temperature, with_entropy=True)
-                    loss, stats = grpo_loss(logp, old_lp, ref_lp, adv, mb.comp_mask, self.algo.clip_eps,
-                                            self.algo.beta, self.algo.kl_estimator)
+                    loss, stats = grpo_loss(logp, old_lp, ref_lp, adv, mb.comp_mask, a.clip_eps, a.beta,
+                                            a.kl_estimator, a.clip_eps_high, a.loss_aggregation,
+                                            self.max_new_tokens)
                     self.engine.backward(loss)
                     self.engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary
                     sums["loss"] += loss.item()

@@ -1,7 +1,7 @@
 """The learner and algorithm branches of the config."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -28,8 +28,13 @@ class LearnerConfig(BaseModel):
 class AlgorithmConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: Literal["grpo"] = "grpo"
-    advantage: Literal["grpo"] = Field("grpo", description="advantage estimator (learner.algorithms.ADVANTAGES)")
+    advantage: Literal["grpo", "dr_grpo", "rloo"] = Field(
+        "grpo", description="grpo: (r - mean) / (std + eps); dr_grpo: r - mean; rloo: leave-one-out baseline")
     clip_eps: float = Field(0.2, gt=0, lt=1, description="epsilon of the clipped ratio pi_theta/pi_old")
+    clip_eps_high: Optional[float] = Field(None, gt=0, description="upper epsilon (DAPO clip-higher); default clip_eps")
     beta: float = Field(0.04, ge=0, description="weight of D_KL(pi_theta || pi_ref) in the loss")
-    kl_estimator: Literal["k3"] = "k3"
+    kl_estimator: Literal["k1", "k2", "k3"] = Field(
+        "k3", description="k1: log(pi/pi_ref); k2: half its square; k3: pi_ref/pi - log(pi_ref/pi) - 1")
+    loss_aggregation: Literal["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"] = Field(
+        "seq-mean-token-mean", description="GRPO paper / DAPO / Dr.GRPO (sum over tokens / engines.max_new_tokens)")
     adv_eps: float = Field(1e-6, gt=0, description="added to the group std before dividing")

@@ -81,3 +81,50 @@ def test_clipped_tokens_get_no_surrogate_gradient():
     loss.backward()
     expected = torch.tensor([ratio[0] / T, ratio[1] / T, 0.0, ratio[3] / T])
     torch.testing.assert_close(logp2.grad[0], expected, atol=1e-6, rtol=1e-5)
+
+
+def test_dr_grpo_and_rloo_advantages_by_hand():
+    rewards, groups = torch.tensor([1.0, 0.0, 0.0, 1.0]), torch.zeros(4, dtype=torch.long)
+    torch.testing.assert_close(ADVANTAGES["dr_grpo"](rewards, groups), torch.tensor([0.5, -0.5, -0.5, 0.5]))
+    # leave-one-out: 1 - (0 + 0 + 1) / 3 = 2/3, 0 - 2/3 = -2/3
+    torch.testing.assert_close(ADVANTAGES["rloo"](rewards, groups), torch.tensor([2, -2, -2, 2]) / 3.0)
+
+
+def test_k1_k2_by_hand():
+    from learner.algorithms import KL_ESTIMATORS
+    logp, ref = torch.tensor(math.log(0.5)), torch.tensor(math.log(0.25))
+    assert abs(KL_ESTIMATORS["k1"](logp, ref).item() - math.log(2)) < 1e-6
+    assert abs(KL_ESTIMATORS["k2"](logp, ref).item() - 0.5 * math.log(2) ** 2) < 1e-6
+
+
+def test_aggregations_by_hand_and_their_gradients():
+    from learner.algorithms import AGGREGATIONS
+    x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    assert AGGREGATIONS["seq-mean-token-mean"](x, mask, 4).item() == 3.0      # (2 + 4) / 2
+    assert AGGREGATIONS["token-mean"](x, mask, 4).item() == 2.5               # 10 / 4 tokens
+    assert AGGREGATIONS["seq-mean-token-sum-norm"](x, mask, 4).item() == 1.25  # (6/4 + 4/4) / 2
+    # ratio 1, beta 0: d loss / d logp_t = -A_i * (the token's weight in the aggregation)
+    adv = torch.tensor([1.0, -2.0])
+    weights = {"seq-mean-token-mean": torch.tensor([[1 / 6] * 3, [1 / 2, 0, 0]]),
+               "token-mean": mask / 4, "seq-mean-token-sum-norm": mask / 8}
+    for name, w in weights.items():
+        logp = torch.full((2, 3), -1.0, requires_grad=True)
+        loss, _ = grpo_loss(logp, logp.detach(), None, adv, mask, 0.2, 0.0, aggregation=name, norm_len=4)
+        loss.backward()
+        torch.testing.assert_close(logp.grad, -adv[:, None] * w, msg=name)
+
+
+def test_clip_higher_widens_only_the_upper_bound():
+    old = torch.full((1, 2), -1.0)
+    shifts = torch.tensor([[math.log(1.25), math.log(0.75)]])
+    for high, expected in ((None, [0.0, -0.75 / 2]), (0.28, [-1.25 / 2, -0.75 / 2])):
+        logp = (old + shifts).requires_grad_()
+        loss, _ = grpo_loss(logp, old, None, torch.tensor([1.0]), torch.ones(1, 2), 0.2, 0.0, clip_eps_high=high)
+        loss.backward()
+        torch.testing.assert_close(logp.grad[0], torch.tensor(expected))
+    # negative advantage: ratio 0.75 < 1 - 0.2 is clipped whatever the upper bound
+    logp = (old + shifts).requires_grad_()
+    loss, _ = grpo_loss(logp, old, None, torch.tensor([-1.0]), torch.ones(1, 2), 0.2, 0.0, clip_eps_high=0.28)
+    loss.backward()
+    torch.testing.assert_close(logp.grad[0], torch.tensor([1.25 / 2, 0.0]))
