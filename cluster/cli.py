@@ -26,6 +26,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     c = sub.add_parser("config", help="print the resolved config as YAML (validates it)")
     c.add_argument("--config")
+    c.add_argument("--describe", action="store_true", help="list every field with its default and meaning")
     c.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     b = sub.add_parser("bench", help="benchmarks with JSON output")
     bsub = b.add_subparsers(dest="bench", required=True)
@@ -56,8 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"groupflow: {e}", file=sys.stderr)
         return 2
     if args.command == "config":
-        from .config import dump_config
-        print(dump_config(cfg), end="")
+        from .config import describe, dump_config
+        print("\n".join(describe()) if args.describe else dump_config(cfg).rstrip())
         return 0
     _env()
     from .loop import train

@@ -160,5 +160,20 @@ def load_config(path: Optional[str | Path] = None, overrides: list[str] = ()) ->
         raise ConfigError(_format(e)) from None
 
 
+def describe(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
+    """The config reference: every field's dotted key, default and documentation line."""
+    lines = []
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        sub = field.annotation
+        if isinstance(sub, type) and issubclass(sub, BaseModel):
+            lines += describe(sub, key + ".")
+            continue
+        default = field.get_default(call_default_factory=True)
+        doc = f"  # {field.description}" if field.description else ""
+        lines.append(f"{key} = {default!r}{doc}")
+    return lines
+
+
 def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -27,7 +27,7 @@ class LearnerConfig(BaseModel):
 
 class AlgorithmConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: Literal["grpo"] = "grpo"
+    name: Literal["grpo"] = Field("grpo", description="the objective")
     advantage: Literal["grpo", "dr_grpo", "rloo"] = Field(
         "grpo", description="grpo: (r - mean) / (std + eps); dr_grpo: r - mean; rloo: leave-one-out baseline")
     clip_eps: float = Field(0.2, gt=0, lt=1, description="epsilon of the clipped ratio pi_theta/pi_old")

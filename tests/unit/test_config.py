@@ -73,3 +73,12 @@ def test_unknown_key_in_file(tmp_path):
     f.write_text("learner:\n  zero_stag: 3\n")
     with pytest.raises(ConfigError, match="learner.zero_stag: unknown key"):
         load_config(f)
+
+
+def test_config_reference_documents_every_algorithm_option(capsys):
+    from learner.config import AlgorithmConfig
+    assert all(f.description for f in AlgorithmConfig.model_fields.values())
+    assert main(["config", "--describe"]) == 0
+    out = capsys.readouterr().out
+    assert "algorithm.loss_aggregation = 'seq-mean-token-mean'  # GRPO paper / DAPO / Dr.GRPO" in out
+    assert "trainer.steps = 12" in out
