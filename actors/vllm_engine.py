@@ -12,12 +12,12 @@ EXTENSION = "actors.vllm_worker_ext.WeightSyncExtension"
 
 def _configure_env(cfg: EngineConfig) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
-    if "VLLM_LOGGING_LEVEL" not in os.environ:
-        logging.getLogger("vllm").setLevel(logging.ERROR)
+    # Keep the driver's progress bar readable; the logger level also covers messages vLLM logs
+    # while importing, before it reads the variable.
+    logging.getLogger("vllm").setLevel(os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR"))
     # In-process engine core: starts in seconds, and collective_rpc reaches the worker directly.
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # keep the driver's progress bar readable
     if cfg.device == "cpu":
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(cfg.kv_cache_gib)))
         import torch

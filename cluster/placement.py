@@ -26,7 +26,6 @@ def start_ray(cfg: Config) -> None:
     if ray.is_initialized():
         return
     address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
-    env = {"env_vars": ACTOR_ENV}
     if address:
         # Inside `ray job submit` the job's runtime_env (working_dir) must stay the actors' env.
         ray.init(address=address, log_to_driver=True)
@@ -39,7 +38,8 @@ def start_ray(cfg: Config) -> None:
     # A local instance writes ~/.ray/auth_token otherwise, which later breaks `ray job submit`
     # against a `ray start --head` cluster on the same box. Clusters set their own auth mode.
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=env, log_to_driver=True)
+    ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": ACTOR_ENV},
+             log_to_driver=True)
 
 
 def _reserve(name: str, bundles: list[dict], timeout_s: float):
