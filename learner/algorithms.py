@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 ADVANTAGES: dict[str, Callable[..., torch.Tensor]] = {}
 KL_ESTIMATORS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {}
@@ -55,6 +56,44 @@ def rloo_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, eps: float =
         G = r.numel()
         return (r - r.mean()) * (G / (G - 1)) if G > 1 else torch.zeros_like(r)
     return _per_group(rewards, group_ids, one)
+
+
+def process_advantages(
+    step_rewards: list[list[float]], step_ends: list[list[int]], group_ids: torch.Tensor, length: int,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """Process supervision (DeepSeekMath sec. 4.1.3): [B, length] per-token advantages.
+
+    Sample i has steps k with reward r_ik ending at token step_ends[i][k] (0-based, ascending; ends
+    past the completion are clamped to length - 1). Every step reward of a group is normalized by the
+    group's pooled step rewards, r~ = (r - mean) / (std + eps) (sample std as in "grpo"), and
+        A_it = sum_{k : end_ik >= t} r~_ik
+    so tokens after the last step, and samples without steps, get 0.
+    """
+    B = len(step_rewards)
+    adv = torch.zeros(B, length, dtype=torch.float32)
+    gids = group_ids.tolist()
+    for g in set(gids):
+        members = [i for i in range(B) if gids[i] == g]
+        pooled = torch.tensor([r for i in members for r in step_rewards[i]], dtype=torch.float64)
+        # Equal rewards carry no signal: exact zeros, not (roundoff of the mean) / eps.
+        if pooled.numel() == 0 or bool(pooled.max() == pooled.min()):
+            continue
+        std = pooled.std(unbiased=True) if pooled.numel() > 1 else pooled.new_zeros(())
+        normed = ((pooled - pooled.mean()) / (std + eps)).tolist()
+        pos = 0
+        for i in members:
+            n = len(step_rewards[i])
+            if len(step_ends[i]) != n:
+                raise ValueError(f"sample {i}: {n} step rewards but {len(step_ends[i])} step ends")
+            if n:
+                ends = torch.tensor(step_ends[i], dtype=torch.long).clamp(0, length - 1)
+                at_end = torch.zeros(length, dtype=torch.float64)
+                at_end.index_add_(0, ends, torch.tensor(normed[pos:pos + n], dtype=torch.float64))
+                # Reverse cumsum: token t collects every step that ends at or after it.
+                adv[i] = at_end.flip(0).cumsum(0).flip(0).to(torch.float32)
+            pos += n
+    return adv
 
 
 @register(KL_ESTIMATORS, "k1")
@@ -116,33 +155,137 @@ def grpo_loss(
     clip_eps_high: float | None = None,
     aggregation: str = "seq-mean-token-mean",
     norm_len: int | None = None,
+    *,
+    dual_clip: float | None = None,
+    ratio_level: str = "token",
+    is_weights: torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
+    entropy_coef: float = 0.0,
+    divergence: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The GRPO objective of DeepSeekMath eq. 3, negated to a loss.
 
-    loss = 1/B sum_i 1/|o_i| sum_t [ -min(rho A_i, clip(rho, 1-eps, 1+eps) A_i) + beta * KL_t ]
+    loss = 1/B sum_i 1/|o_i| sum_t [ -w_t min(rho A_i, clip(rho, 1-eps, 1+eps) A_i) + beta * KL_t - c_H H_t ]
     with rho = pi_theta / pi_old per token. `advantages` is [B] (outcome) or [B, T] (per token).
     `clip_eps_high` (DAPO's clip-higher) widens the upper bound; `aggregation` picks how tokens are
-    averaged (AGGREGATIONS). Returns the loss and detached statistics for logging.
+    averaged (AGGREGATIONS). Returns the loss and detached statistics for logging. Options (all off
+    by default):
+
+    - dual_clip = c > 1 (Dual-clip PPO, Ye et al. 2020): for A < 0 the per-token loss is capped,
+      min(-min(rho A, clip(rho) A), -c A), so a huge ratio on a bad token cannot blow up the step.
+    - ratio_level = "sequence" (GSPO, Zheng et al. 2025): rho is the length-normalized sequence
+      ratio s_i = exp(1/|o_i| sum_t (logp - old_logp)), clipped as a whole. Written in the GSPO-token
+      form s_it = sg[s_i] * pi_t / sg[pi_t]: its value is s_i at every token, its gradient flows per
+      token. Sequence ratios sit near 1, so clip_eps is tiny there (the paper uses 3e-4 / 4e-4).
+    - is_weights [B, T] (truncated importance sampling, see tis_weights): multiply the policy-gradient
+      term only, not the KL or entropy terms; detached here.
+    - entropy [B, T] (differentiable, see `entropy`) with entropy_coef: a bonus -c_H * H_t per token.
+    - divergence [B, T]: a precomputed per-token divergence (learner/divergences.py) that replaces the
+      sampled KL estimator in the loss; stats["kl"] still reports the estimator when ref_logp is given.
     """
+    if dual_clip is not None and dual_clip <= 1.0:
+        raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
     mask = mask.to(logp.dtype)
     adv = advantages if advantages.dim() == 2 else advantages[:, None].expand_as(logp)
     high = clip_eps if clip_eps_high is None else clip_eps_high
-    ratio = torch.exp(logp - old_logp)
+    # Padding may hold anything (even -inf); keep it out of the sequence mean.
+    log_ratio = torch.where(mask > 0, logp - old_logp, torch.zeros_like(logp))
+    if ratio_level == "token":
+        ratio = torch.exp(log_ratio)
+    elif ratio_level == "sequence":
+        seq_log_ratio = masked_mean(log_ratio, mask, dim=1).detach()
+        # logp - sg[logp] is 0 in value and 1 in gradient: value s_i, gradient s_i per token.
+        grad_only = torch.where(mask > 0, logp - logp.detach(), torch.zeros_like(logp))
+        ratio = torch.exp(seq_log_ratio[:, None] + grad_only)
+    else:
+        raise ValueError(f"ratio_level must be 'token' or 'sequence', got {ratio_level!r}")
     surr = ratio * adv
     surr_clipped = torch.clamp(ratio, 1.0 - clip_eps, 1.0 + high) * adv
     per_token = -torch.minimum(surr, surr_clipped)
     stats: dict[str, torch.Tensor] = {}
+    if dual_clip is not None:
+        cap = -dual_clip * adv
+        # Strictly above the cap: the token takes the constant branch and gets no gradient.
+        dual = ((adv < 0) & (per_token > cap)).to(logp.dtype)
+        per_token = torch.where(adv < 0, torch.minimum(per_token, cap), per_token)
+        stats["dual_clip_fraction"] = masked_mean(dual, mask)
+    if is_weights is not None:
+        per_token = per_token * is_weights.detach().to(per_token.dtype)
     if ref_logp is not None:
-        kl = KL_ESTIMATORS[kl_estimator](logp, ref_logp)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and divergence is None):
+            kl = KL_ESTIMATORS[kl_estimator](logp, ref_logp)
         stats["kl"] = masked_mean(kl.detach(), mask)
-        if beta:
+        if beta and divergence is None:
             per_token = per_token + beta * kl
+    if divergence is not None:
+        stats["divergence"] = masked_mean(divergence.detach(), mask)
+        if beta:
+            per_token = per_token + beta * divergence
+    if entropy is not None:
+        stats["entropy"] = masked_mean(entropy.detach(), mask)
+        if entropy_coef:
+            per_token = per_token - entropy_coef * entropy
     # The clipped branch is the one taken (strictly), so the token gets no surrogate gradient.
     clipped = (surr_clipped < surr).to(logp.dtype)
     loss = AGGREGATIONS[aggregation](per_token, mask, norm_len or mask.size(1))
     stats["clip_fraction"] = masked_mean(clipped, mask)
     stats["ratio_mean"] = masked_mean(ratio.detach(), mask)
     return loss, stats
+
+
+def tis_weights(old_logp: torch.Tensor, engine_logp: torch.Tensor, cap: float) -> torch.Tensor:
+    """Truncated importance sampling (Yao et al. 2025): w = min(pi_old / pi_engine, cap), detached.
+
+    The rollout engine (vLLM) samples from pi_engine, which differs numerically from the learner's
+    pi_old; w corrects the policy gradient for that mismatch, and the cap bounds its variance.
+    """
+    w = torch.exp(old_logp.detach().float() - engine_logp.detach().float())
+    return w.clamp(max=cap)
+
+
+def overlong_penalty(lengths: torch.Tensor, max_len: int, buffer: int, factor: float = 1.0) -> torch.Tensor:
+    """DAPO's soft overlong punishment, a reward added per sample:
+
+    0 for L <= max_len - buffer; (max_len - buffer - L) / buffer * factor inside the buffer;
+    -factor for L > max_len.
+    """
+    L = lengths.to(torch.float32)
+    start = max_len - buffer
+    ramp = (start - L) / max(buffer, 1) * factor
+    out = torch.where(L <= start, torch.zeros_like(L), ramp)
+    return torch.where(L > max_len, torch.full_like(L, -factor), out)
+
+
+def over_positions(fn, *tensors: torch.Tensor, chunk: int) -> torch.Tensor:
+    """fn over [..., V] tensors chunk by chunk of the flattened positions: returns [..., *rest].
+
+    fn maps [n, V] tensors to [n, *rest]. With autograd on, each chunk is checkpointed: a chunk's float32
+    softmax temporaries are recomputed in backward instead of being kept for all positions at once.
+    """
+    lead = tensors[0].shape[:-1]
+    flat = [t.reshape(-1, t.size(-1)) for t in tensors]
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in flat)
+    outs = []
+    for s in range(0, flat[0].size(0), chunk):
+        parts = [t[s:s + chunk] for t in flat]
+        if grad:
+            outs.append(checkpoint(fn, *parts, use_reentrant=False, preserve_rng_state=False))
+        else:
+            outs.append(fn(*parts))
+    if not outs:
+        return flat[0].new_zeros(lead, dtype=torch.float32)
+    return torch.cat(outs).reshape(*lead, *outs[0].shape[1:])
+
+
+def _entropy_rows(logits: torch.Tensor) -> torch.Tensor:
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    # Clamping -inf (masked vocabulary) to a finite floor keeps 0 * log 0 = 0, also in the gradient.
+    return -(logp.exp() * logp.clamp(min=torch.finfo(logp.dtype).min)).sum(-1)
+
+
+def entropy(logits: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """H_t = -sum_v pi(v) log pi(v) at each position of [..., V] logits: differentiable, float32."""
+    return over_positions(_entropy_rows, logits, chunk=chunk)
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -154,6 +297,4 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """Entropy of pi at each position (logged, never differentiated)."""
-    logits = logits.float()
-    logz = torch.logsumexp(logits, dim=-1)
-    return logz - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+    return entropy(logits)
