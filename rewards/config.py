@@ -8,9 +8,31 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class TaskConfig(BaseModel):
+    """Where prompts come from. `dataset` maps the fields of any jsonl/parquet/Arrow data (docs/datasets.md)."""
+
     model_config = ConfigDict(extra="forbid")
-    name: Literal["arithmetic", "gsm8k"] = Field("arithmetic", description="built-in task")
-    data_path: Optional[Path] = Field(None, description="gsm8k: the train.jsonl file")
+    name: Literal["arithmetic", "gsm8k", "dataset"] = Field(
+        "arithmetic", description="arithmetic (generated), gsm8k (its own layout), dataset (fields mapped below)")
+    data_path: Optional[Path] = Field(
+        None, description="gsm8k, dataset: a .jsonl/.parquet/.arrow file or a folder of them (HF save_to_disk)")
+    format: Literal["auto", "jsonl", "parquet", "arrow"] = Field(
+        "auto", description="auto: from the file suffix, or the files in the folder")
+    eval_path: Optional[Path] = Field(
+        None, description="held-out rows (the first eval_size are used); default: the last eval_size rows of data_path")
+    prompt_field: str = Field("prompt", min_length=1, description="dataset: the field holding the prompt text")
+    answer_field: Optional[str] = Field(
+        "answer", min_length=1, description="dataset: the field holding the gold answer; null: the data has none")
+    answer_after: Optional[str] = Field(
+        None, min_length=1, description="keep the answer text after the last occurrence of this marker (GSM8K: ####)")
+    system_prompt_field: Optional[str] = Field(
+        None, min_length=1, description="dataset: a per-row system prompt field (a null value: system_prompt)")
+    id_field: Optional[str] = Field(None, min_length=1, description="dataset: the row id field (default: row number)")
+    metadata_fields: list[str] = Field(
+        default_factory=list, description="dataset: extra fields carried to the scorer in row['metadata']")
+    max_prompt_tokens: Optional[int] = Field(
+        None, ge=1, description="drop (and count) prompts longer than this after the chat template")
+    on_malformed: Literal["error", "skip"] = Field(
+        "error", description="a malformed row stops the run naming file:row, or is skipped and counted")
     system_prompt: Optional[str] = Field(None, description="overrides the task's system prompt")
     eval_size: int = Field(200, ge=1, description="held-out problems used for evaluation")
     # arithmetic only
@@ -19,18 +41,75 @@ class TaskConfig(BaseModel):
 
     @model_validator(mode="after")
     def _data_exists(self):
+        from .data import resolve_files  # pyarrow only when a config is validated, not on import
+
+        if self.name == "arithmetic":
+            return self
         if self.name == "gsm8k":
-            if self.data_path is None:
-                raise ValueError("rewards.task.data_path is required for the gsm8k task")
-            if not Path(self.data_path).is_file():
-                raise ValueError(f"rewards.task.data_path: no such file: {self.data_path}")
+            # A preset of the dataset loader; written into the config so a saved config reloads as is.
+            preset = {"prompt_field": "question", "answer_field": "answer", "answer_after": "####",
+                      "system_prompt_field": None, "id_field": None, "metadata_fields": []}
+            for key, value in preset.items():
+                current, default = getattr(self, key), type(self).model_fields[key].get_default(
+                    call_default_factory=True)
+                if current not in (value, default):
+                    raise ValueError(f"rewards.task.{key}: the gsm8k task fixes it to {value!r}; "
+                                     "use name=dataset to map fields yourself")
+                setattr(self, key, value)
+        if "answer" in self.metadata_fields:
+            raise ValueError("rewards.task.metadata_fields: 'answer' is reserved (metadata['answer'] "
+                             "holds the raw answer)")
+        for key in ("data_path", "eval_path"):
+            path = getattr(self, key)
+            if path is None:
+                if key == "data_path":
+                    raise ValueError(f"rewards.task.data_path is required for the {self.name} task")
+                continue
+            try:
+                resolve_files(path, self.format)
+            except ValueError as e:
+                raise ValueError(f"rewards.task.{key}: {e}") from None
+        return self
+
+
+class RewardComponent(BaseModel):
+    """One term of the reward: reward = sum(weight * component); each term is logged on its own."""
+    model_config = ConfigDict(extra="forbid")
+    name: Literal["math", "format", "code", "http", "model", "python", "last_number"] = Field(
+        ..., description="built-in reward (rewards/builtin.py), or model: a HF sequence-classification model")
+    weight: float = Field(1.0, description="multiplies this component in the summed reward")
+    options: dict = Field(default_factory=dict, description="passed to the reward's factory; "
+                          "python: function='file.py:fn', http: url, model: path (and device, label)")
+
+    @model_validator(mode="after")
+    def _required_options(self):
+        o = self.options
+        if self.name == "python":
+            path, _, fn = str(o.get("function", "")).rpartition(":")
+            if not path or not fn.isidentifier():
+                raise ValueError("python reward: options.function must be 'path/to/file.py:function'")
+            if not Path(path).is_file():
+                raise ValueError(f"python reward: options.function: no such file: {path}")
+            # Absolute, so reward workers find it whatever their working directory.
+            o["function"] = f"{Path(path).resolve()}:{fn}"
+        elif self.name == "http":
+            if not str(o.get("url", "")).startswith(("http://", "https://")):
+                raise ValueError("http reward: options.url (http:// or https://) is required")
+        elif self.name == "model":
+            if not (Path(str(o.get("path", ""))) / "config.json").is_file():
+                raise ValueError(f"model reward: options.path must be a HF model directory with "
+                                 f"config.json, got {o.get('path')!r}")
         return self
 
 
 class RewardsConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     task: TaskConfig = Field(default_factory=TaskConfig)
+    components: list[RewardComponent] = Field(
+        default_factory=list, description="rewards summed with their weights; empty: the task's default")
     num_workers: int = Field(2, ge=1, description="reward worker actors scoring in parallel")
     cpus_per_worker: float = Field(0.1, gt=0, description="Ray CPUs reserved per reward worker")
-    failure_reward: float = Field(0.0, description="reward of a sample whose scorer raised")
+    processes_per_worker: int = Field(2, ge=1, description="scoring subprocesses inside each worker")
+    failure_reward: float = Field(0.0, description="reward of a sample whose scorer raised, hung or crashed")
+    sample_timeout_s: float = Field(10.0, gt=0, description="hard wall-clock limit for scoring one sample")
     timeout_s: float = Field(120.0, gt=0, description="limit for scoring one batch on one worker")

@@ -1,62 +1,266 @@
-"""Reward workers: Ray actors that score completions in parallel; a scorer that raises is contained."""
+"""Reward workers: Ray actors that score a batch in parallel, each through its own pool of subprocesses.
+
+A sample is {"id", "prompt", "completion", "answer", "metadata", "completion_token_ids"}. Each reward
+component is scored on its own; a sample's reward is sum(weight * component). A component that raises,
+returns garbage, hangs past rewards.sample_timeout_s or kills its process gives the whole sample
+rewards.failure_reward; the failure is counted by kind and logged with the prompt id. A worker actor
+that dies is replaced and its share scored again once.
+"""
 from __future__ import annotations
 
 import logging
+import math
+import threading
 import time
+from collections import Counter, defaultdict
 
 import ray
 
-from .config import RewardsConfig
-from .tasks import TASKS
+from .config import RewardComponent, RewardsConfig
+from .model_reward import RewardModelActor
+from .procpool import ScorerPool, check_result
 
 log = logging.getLogger("groupflow.rewards")
+
+BATCH_NAMES = ("http",)  # builtin.BATCH_REWARD_FUNCTIONS: one call per worker share, not per sample
+FAILURE_KINDS = ("raised", "timeout", "crashed", "invalid", "worker_replaced")
+LOGGED_PER_KIND = 3  # per component and batch: a reward broken on every sample must not flood the log
+
+
+def component_keys(components: list[RewardComponent]) -> list[str]:
+    """Metric names: the reward's name, numbered (python_1, python_2) when it appears more than once."""
+    names = [c.name for c in components]
+    seen: Counter = Counter()
+    keys = []
+    for n in names:
+        seen[n] += 1
+        keys.append(n if names.count(n) == 1 else f"{n}_{seen[n]}")
+    return keys
+
+
+def scorer_metadata(sample: dict) -> dict:
+    """The `metadata` argument of score(prompt, completion, metadata): the row's metadata plus the basics."""
+    return {**(sample.get("metadata") or {}), "answer": sample.get("answer"), "id": sample["id"],
+            "completion_token_ids": list(sample.get("completion_token_ids") or ())}
+
+
+class _Background(threading.Thread):
+    """A batch reward runs beside the subprocess pool; if it hangs we stop waiting (threads can't be killed)."""
+
+    def __init__(self, fn, arg):
+        super().__init__(daemon=True)
+        self.fn, self.arg, self.value, self.error = fn, arg, None, None
+        self.start()
+
+    def run(self):
+        try:
+            self.value = self.fn(self.arg)
+        except Exception as e:
+            self.error = e
+
+
+def _batch_results(job: _Background, samples: list[dict], deadline: float) -> list[tuple[str, object]]:
+    job.join(max(0.0, deadline - time.monotonic()))
+    n = len(samples)
+    if job.is_alive():
+        return [("timeout", "no reply before 80% of rewards.timeout_s")] * n
+    if job.error is not None:
+        return [("raised", f"{type(job.error).__name__}: {job.error}"[:500])] * n
+    if not isinstance(job.value, (list, tuple)) or len(job.value) != n:
+        return [("invalid", f"expected {n} rewards, got {job.value!r}"[:500])] * n
+    out = []
+    for v, s in zip(job.value, samples):
+        try:
+            out.append(("ok", check_result(v, len(s.get("completion_token_ids") or ()))))
+        except (TypeError, ValueError) as e:
+            out.append(("invalid", str(e)))
+    return out
 
 
 @ray.remote
 class RewardWorker:
-    def __init__(self, task_name: str, failure_reward: float, rank: int):
-        self.scorer = TASKS[task_name].score
-        self.failure_reward = failure_reward
-        self.rank = rank
+    """Scores one share of a batch: per-sample rewards in subprocesses, batch (http) rewards in a thread."""
 
-    def score(self, ids: list[str], completions: list[str], answers: list[float]) -> dict:
-        rewards, failures = [], 0
-        for rid, text, answer in zip(ids, completions, answers):
-            try:
-                rewards.append(float(self.scorer(text, answer)))
-            except Exception as e:  # a broken scorer costs one sample, never the run
-                failures += 1
-                rewards.append(self.failure_reward)
-                log.warning("[reward %d] scorer raised on %s: %r", self.rank, rid, e)
-        return {"rewards": rewards, "failures": failures}
+    def __init__(self, specs: list[dict], processes: int, sample_timeout_s: float, batch_timeout_s: float,
+                 rank: int):
+        self.specs, self.rank, self.batch_timeout_s = specs, rank, batch_timeout_s
+        self.per_sample = [s for s in specs if s["name"] not in BATCH_NAMES]
+        self.batched = [s for s in specs if s["name"] in BATCH_NAMES]
+        self.procs = ScorerPool(self.per_sample, processes, sample_timeout_s) if self.per_sample else None
+        self._batch_scorers: dict | None = None
+
+    def _batch_fns(self) -> dict:
+        if self._batch_scorers is None:
+            from .builtin import BATCH_REWARD_FUNCTIONS
+
+            self._batch_scorers = {s["key"]: BATCH_REWARD_FUNCTIONS[s["name"]](dict(s["options"]))
+                                   for s in self.batched}
+        return self._batch_scorers
+
+    def ready(self) -> list[int]:
+        """Builds every scorer now, so a broken reward fails at start; returns the subprocess pids."""
+        self._batch_fns()
+        return self.procs.wait_ready() if self.procs else []
+
+    def pids(self) -> list[int]:
+        return self.procs.pids() if self.procs else []
+
+    def score(self, samples: list[dict]) -> dict[str, list[tuple[str, object]]]:
+        """{component key: [("ok", float | steps) or (failure kind, detail)] in sample order}."""
+        # The http reward bounds its own requests and retries; this deadline only keeps a hung one
+        # from failing the whole batch: its samples fail as "timeout" a little before the batch would.
+        deadline = time.monotonic() + 0.8 * self.batch_timeout_s
+        jobs = {s["key"]: _Background(fn, samples) for s, fn in zip(self.batched, self._batch_fns().values())}
+        out = {}
+        if self.procs:
+            k = len(self.per_sample)
+            res = self.procs.run([(j, s["prompt"], s["completion"], scorer_metadata(s))
+                                  for s in samples for j in range(k)])
+            out = {spec["key"]: res[j::k] for j, spec in enumerate(self.per_sample)}
+        for s in self.batched:
+            out[s["key"]] = _batch_results(jobs[s["key"]], samples, deadline)
+        return out
+
+    def shutdown(self) -> None:
+        if self.procs:
+            self.procs.shutdown()
+
+
+def combine(samples: list[dict], keys: list[str], weights: dict[str, float],
+            results: dict[str, list[tuple[str, object]]], failure_reward: float) -> dict:
+    """Weighted sum per sample; per-step rewards merged by end token (a scalar is one step at the last token)."""
+    rewards, steps, comps = [], [], {k: [] for k in keys}
+    failures: Counter = Counter()
+    logged: Counter = Counter()
+    for i, sample in enumerate(samples):
+        last = max(len(sample.get("completion_token_ids") or ()) - 1, 0)
+        merged: dict[int, float] = defaultdict(float)
+        total, failed, has_steps = 0.0, False, False
+        for k in keys:
+            kind, value = results[k][i]
+            if kind != "ok":
+                failed = True
+                failures[kind] += 1
+                comps[k].append(failure_reward)
+                logged[k, kind] += 1
+                if logged[k, kind] <= LOGGED_PER_KIND:
+                    log.warning("reward %s %s on prompt %s: %s", k, kind, sample.get("id"), value)
+                continue
+            if isinstance(value, list):
+                has_steps = True
+                comps[k].append(math.fsum(r for r, _ in value))
+                for r, end in value:
+                    merged[end] += weights[k] * r
+            else:
+                comps[k].append(value)
+                merged[last] += weights[k] * value
+            total += weights[k] * comps[k][-1]
+        rewards.append(failure_reward if failed else total)
+        steps.append([(merged[e], e) for e in sorted(merged)] if has_steps and not failed else None)
+    for (k, kind), n in logged.items():
+        if n > LOGGED_PER_KIND:
+            log.warning("reward %s %s on %d more samples of this batch", k, kind, n - LOGGED_PER_KIND)
+    return {"rewards": rewards, "components": comps,
+            "steps": steps if any(s is not None for s in steps) else None,
+            "failures": {kind: failures[kind] for kind in FAILURE_KINDS}}
 
 
 class RewardPool:
-    """Splits a batch across the workers and gathers the rewards back in order."""
+    """Splits a batch across the workers (and the reward models) and gathers the rewards back in order."""
 
-    def __init__(self, cfg: RewardsConfig, actor_options: list[dict]):
+    def __init__(self, cfg: RewardsConfig, actor_options: list[dict], default_component: str = "math"):
         self.cfg = cfg
-        self.workers = [
-            RewardWorker.options(name=None, num_cpus=cfg.cpus_per_worker, **opts).remote(
-                cfg.task.name, cfg.failure_reward, rank)
-            for rank, opts in enumerate(actor_options)
-        ]
+        components = cfg.components or [RewardComponent(name=default_component)]
+        self.keys = component_keys(components)
+        self.weights = {k: c.weight for k, c in zip(self.keys, components)}
+        self.specs = [{"key": k, "name": c.name, "options": c.options}
+                      for k, c in zip(self.keys, components) if c.name != "model"]
+        self.model_options = {k: c.options for k, c in zip(self.keys, components) if c.name == "model"}
+        self.actor_options = list(actor_options)
+        self.workers = [self._new_worker(r) for r in range(len(self.actor_options))] if self.specs else []
+        self.models = {k: self._new_model(k) for k in self.model_options}
 
-    def score(self, ids: list[str], completions: list[str], answers: list[float]) -> tuple[list[float], int]:
-        n, k = len(completions), len(self.workers)
-        bounds = [(i * n // k, (i + 1) * n // k) for i in range(k)]
-        refs = [w.score.remote(ids[a:b], completions[a:b], answers[a:b])
-                for w, (a, b) in zip(self.workers, bounds)]
-        start = time.monotonic()
+    def _new_worker(self, rank: int):
+        c = self.cfg
+        return RewardWorker.options(num_cpus=c.cpus_per_worker, **self.actor_options[rank]).remote(
+            self.specs, c.processes_per_worker, c.sample_timeout_s, c.timeout_s, rank)
+
+    def _new_model(self, key: str):
+        o = self.model_options[key]
+        gpus = o.get("num_gpus", 1 if str(o.get("device", "cpu")).startswith("cuda") else 0)
+        return RewardModelActor.options(num_cpus=o.get("num_cpus", self.cfg.cpus_per_worker),
+                                        num_gpus=gpus).remote(o)
+
+    def ready(self, timeout_s: float) -> None:
+        """Waits until every scorer is built (subprocesses, reward models); raises what broke."""
+        refs = [w.ready.remote() for w in self.workers] + [m.ready.remote() for m in self.models.values()]
         try:
-            parts = ray.get(refs, timeout=self.cfg.timeout_s)
+            ray.get(refs, timeout=timeout_s)
         except ray.exceptions.GetTimeoutError:
-            raise TimeoutError(f"reward workers did not score {n} completions within "
-                               f"rewards.timeout_s={self.cfg.timeout_s}s") from None
-        log.debug("scored %d completions in %.2fs", n, time.monotonic() - start)
-        rewards = [r for p in parts for r in p["rewards"]]
-        return rewards, sum(p["failures"] for p in parts)
+            raise TimeoutError(f"reward workers were not ready within {timeout_s}s") from None
+
+    def _submit(self, role: str, idx, samples: list[dict]):
+        if role == "model":
+            return self.models[idx].score.remote([s["prompt"] for s in samples], [s["completion"] for s in samples])
+        return self.workers[idx].score.remote(samples)
+
+    def score(self, samples: list[dict]) -> dict:
+        """{"rewards": [float], "components": {key: [float]}, "steps": [steps | None] | None,
+        "failures": {kind: count}}; raises TimeoutError past rewards.timeout_s."""
+        n, k = len(samples), len(self.workers)
+        deadline = time.monotonic() + self.cfg.timeout_s
+        results = {key: [None] * n for key in self.keys}
+        pending = {self._submit("model", key, samples): ("model", key, 0, n, False) for key in self.models}
+        for i in range(k):
+            a, b = i * n // k, (i + 1) * n // k
+            if b > a:
+                pending[self._submit("worker", i, samples[a:b])] = ("worker", i, a, b, False)
+        replaced = 0
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not done:
+                raise TimeoutError(f"reward workers did not score {n} completions within "
+                                   f"rewards.timeout_s={self.cfg.timeout_s}s")
+            role, idx, a, b, retried = pending.pop(done[0])
+            try:
+                part = ray.get(done[0])
+            except ray.exceptions.RayActorError as e:
+                if retried:
+                    raise RuntimeError(f"reward {role} {idx} died twice scoring the same batch") from e
+                log.warning("reward %s %s died (%s); replacing it and scoring its share again",
+                            role, idx, type(e).__name__)
+                ray.kill(self.models[idx] if role == "model" else self.workers[idx])  # if merely unreachable
+                if role == "model":
+                    self.models[idx] = self._new_model(idx)
+                else:
+                    self.workers[idx] = self._new_worker(idx)
+                replaced += 1
+                pending[self._submit(role, idx, samples[a:b])] = (role, idx, a, b, True)
+                continue
+            except ray.exceptions.RayTaskError as e:
+                if role == "worker":  # a bug or a reward that cannot be built: not a per-sample failure
+                    raise
+                part = {idx: [("raised", str(e.cause)[:500])] * n}
+            if role == "model":
+                part = part if isinstance(part, dict) else {idx: [_model_value(v) for v in part]}
+            for key, values in part.items():
+                results[key][a:b] = values
+        out = combine(samples, self.keys, self.weights, results, self.cfg.failure_reward)
+        out["failures"]["worker_replaced"] = replaced
+        return out
 
     def shutdown(self):
-        for w in self.workers:
-            ray.kill(w)
+        # Workers kill their subprocesses first; orphans would also leave on their own, within a second.
+        try:
+            ray.get([w.shutdown.remote() for w in self.workers], timeout=10)
+        except Exception:  # a worker already dead or stuck: ray.kill below still ends it
+            pass
+        for actor in [*self.workers, *self.models.values()]:
+            ray.kill(actor)
+
+
+def _model_value(v) -> tuple[str, object]:
+    try:
+        return "ok", check_result(v, 0)
+    except (TypeError, ValueError) as e:
+        return "invalid", str(e)

@@ -1,10 +1,11 @@
 """Tasks on real rows: the arithmetic generator and GSM8K from ../shared/data/gsm8k."""
 import json
+from typing import get_args
 
 import pytest
 
 from rewards.config import TaskConfig
-from rewards.tasks import ArithmeticTask, GSM8KTask, Task, last_number
+from rewards.tasks import TASKS, ArithmeticTask, GSM8KTask, Task, last_number
 from tests.conftest import GSM8K
 
 
@@ -54,3 +55,8 @@ def test_gsm8k_malformed_row_names_file_and_line(tmp_path):
     f.write_text('{"question": "q", "answer": "x #### 3"}\n{"question": "q"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:2"):
         GSM8KTask(TaskConfig(name="gsm8k", data_path=f, eval_size=1), seed=0)
+
+
+def test_every_configurable_task_has_a_class():
+    # Reward workers look the scorer up by the configured name.
+    assert set(get_args(TaskConfig.model_fields["name"].annotation)) == set(TASKS)
