@@ -18,6 +18,7 @@ ROLLOUT_SCHEMA = pa.schema([
     ("completion_token_ids", pa.list_(pa.int32())),
     ("logprobs", pa.list_(pa.float32())),
     ("completion", pa.string()),
+    ("completion_offsets", pa.list_(pa.int32())),  # character offset where each token ends
     ("finish_reason", pa.string()),
     ("policy_version", pa.int32()),
 ])
@@ -50,6 +51,7 @@ class RolloutActor:
                 cols["completion_token_ids"].append(s["token_ids"])
                 cols["logprobs"].append(s["logprobs"])
                 cols["completion"].append(s["text"])
+                cols["completion_offsets"].append(s["offsets"])
                 cols["finish_reason"].append(s["finish_reason"])
                 cols["policy_version"].append(self.policy_version)
         return pa.table(cols, schema=ROLLOUT_SCHEMA)

@@ -1,6 +1,7 @@
 """The one place that knows vLLM's API and its CPU quirks."""
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import warnings
@@ -64,9 +65,12 @@ class VLLMEngine:
             samples = []
             for c in out.outputs:
                 ids = list(c.token_ids)
-                lps = [c.logprobs[i][t].logprob for i, t in enumerate(ids)] if c.logprobs else []
-                samples.append({"token_ids": ids, "logprobs": lps, "text": c.text,
-                                "finish_reason": c.finish_reason or "length"})
+                picked = [c.logprobs[i][t] for i, t in enumerate(ids)] if c.logprobs else []
+                # Character offset where each token ends: lets a process reward map its steps
+                # (found in the text) to token indices without a tokenizer of its own.
+                offsets = list(itertools.accumulate(len(p.decoded_token or "") for p in picked))
+                samples.append({"token_ids": ids, "logprobs": [p.logprob for p in picked], "text": c.text,
+                                "offsets": offsets, "finish_reason": c.finish_reason or "length"})
             result.append(samples)
         return result
 

@@ -55,7 +55,9 @@ class TrainerConfig(BaseModel):
     group_size: int = Field(8, ge=2, description="G: completions per prompt")
     seed: int = 0
     checkpoint_every: int = Field(0, ge=0, description="save every K steps (0: only at the end)")
-    eval: bool = Field(True, description="held-out accuracy at start and end")
+    eval: bool = Field(True, description="held-out accuracy (pass@1) at start and end")
+    eval_every: int = Field(0, ge=0, description="also evaluate every K steps, logged as eval_* metrics (0: off)")
+    eval_samples: int = Field(1, ge=1, description="samples per held-out prompt: 1 greedy, K > 1 pass@1 and pass@K at temperature")
     save_rollouts: bool = Field(True, description="a parquet file of the rollouts per step")
 
 
@@ -108,6 +110,12 @@ class Config(BaseModel):
         return "nccl" if self.engines.device == self.learner.device == "cuda" else "gloo"
 
     @property
+    def cpus_needed(self) -> float:
+        return (self.engines.num_engines * self.engines.cpus_per_engine
+                + self.learner.num_ranks * self.learner.cpus_per_rank
+                + self.rewards.num_workers * self.rewards.cpus_per_worker)
+
+    @property
     def local_batch(self) -> int:
         return self.trainer.prompts_per_step * self.trainer.group_size // self.learner.num_ranks
 
@@ -137,7 +145,7 @@ def _format(e: ValidationError) -> str:
     return "invalid config:\n" + "\n".join(lines)
 
 
-def load_config(path: Optional[str | Path] = None, overrides: list[str] = ()) -> Config:
+def load_config(path: Optional[str | Path] = None, overrides: list[str] = (), schema: type[BaseModel] = Config):
     tree: dict = {}
     if path is not None:
         p = Path(path)
@@ -155,7 +163,7 @@ def load_config(path: Optional[str | Path] = None, overrides: list[str] = ()) ->
             raise ConfigError(f"override {item!r} is not KEY=VALUE (for example trainer.steps=20)")
         _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
     try:
-        return Config.model_validate(tree)
+        return schema.model_validate(tree)
     except ValidationError as e:
         raise ConfigError(_format(e)) from None
 

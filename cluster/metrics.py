@@ -17,22 +17,25 @@ def _atomic_write_table(table: pa.Table, path: Path) -> None:
 
 
 class RunLog:
-    def __init__(self, run_dir: Path, total_steps: int, show_progress: bool = True):
+    def __init__(self, run_dir: Path, total_steps: int, show_progress: bool = True, desc: str = "grpo",
+                 postfix: dict[str, str] | None = None):
         self.run_dir = run_dir
         (run_dir / "rollouts").mkdir(parents=True, exist_ok=True)
         self._metrics = open(run_dir / "metrics.jsonl", "a", buffering=1)
         self.bar = None
+        # progress-bar label -> metrics key
+        self.postfix = postfix or {"reward": "reward_mean", "kl": "kl", "tok_s": "generated_tokens_per_s"}
         if show_progress:
             from tqdm import tqdm
-            self.bar = tqdm(total=total_steps, desc="grpo", unit="step", file=sys.stderr,
+            self.bar = tqdm(total=total_steps, desc=desc, unit="step", file=sys.stderr,
                             dynamic_ncols=True)
 
     def step(self, metrics: dict) -> None:
         self._metrics.write(json.dumps(metrics) + "\n")
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['kl']:.4f}",
-                                 tok_s=f"{metrics['generated_tokens_per_s']:.0f}", refresh=False)
+            self.bar.set_postfix({label: f"{metrics[key]:.4g}" for label, key in self.postfix.items()
+                                  if key in metrics}, refresh=False)
 
     def rollouts(self, step: int, table: pa.Table) -> None:
         _atomic_write_table(table, self.run_dir / "rollouts" / f"step_{step:06d}.parquet")

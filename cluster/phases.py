@@ -1,23 +1,27 @@
 """The step's phases as functions over roles and Arrow tables; loop.py calls them in order."""
 from __future__ import annotations
 
+import time
+from collections import defaultdict
+
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 import torch
 
-from learner.algorithms import ADVANTAGES
+from learner.algorithms import ADVANTAGES, overlong_penalty, process_advantages
 from learner.config import AlgorithmConfig
 
 
-def _split(items: list, k: int) -> list[tuple[int, int]]:
+def _split(items, k: int) -> list[tuple[int, int]]:
     n = len(items)
     return [(i * n // k, (i + 1) * n // k) for i in range(k)]
 
 
-def generate(engines: list, rows: list[dict], n: int, timeout_s: float, greedy: bool = False) -> pa.Table:
+def generate(engines: list, rows: list[dict], n: int, timeout_s: float, greedy: bool = False,
+             first_group: int = 0) -> pa.Table:
     """Each engine takes a contiguous share of the prompts, all at once; groups stay on one engine."""
-    refs = [e.generate.remote(rows[a:b], list(range(a, b)), n, greedy)
+    refs = [e.generate.remote(rows[a:b], list(range(first_group + a, first_group + b)), n, greedy)
             for e, (a, b) in zip(engines, _split(rows, len(engines))) if b > a]
     try:
         return pa.concat_tables(ray.get(refs, timeout=timeout_s))
@@ -25,25 +29,128 @@ def generate(engines: list, rows: list[dict], n: int, timeout_s: float, greedy: 
         raise TimeoutError(f"engines did not generate {len(rows)} x {n} samples within {timeout_s}s") from None
 
 
-def score(pool, rollouts: pa.Table, rows: list[dict]) -> tuple[pa.Table, int]:
-    """Append the reward column; returns the table and how many scorers failed."""
-    gids = rollouts.column("group_id").to_pylist()
-    answers = [rows[g]["answer"] for g in gids]
-    rewards, failures = pool.score(rollouts.column("prompt_id").to_pylist(),
-                                   rollouts.column("completion").to_pylist(), answers)
-    return rollouts.append_column("reward", pa.array(rewards, pa.float32())), failures
+def _prompt_text(row: dict) -> str:
+    return next((m["content"] for m in reversed(row["messages"]) if m["role"] == "user"), "")
 
 
-def with_advantages(batch: pa.Table, algo: AlgorithmConfig) -> pa.Table:
-    rewards = torch.tensor(batch.column("reward").to_pylist())
+def score(pool, rollouts: pa.Table, rows: list[dict]) -> tuple[pa.Table, dict]:
+    """Append the reward (and per-component, per-step) columns; returns the table and failure counts.
+
+    `rows[group_id]` is the task row each sample answers.
+    """
+    cols = {c: rollouts.column(c).to_pylist() for c in
+            ("prompt_id", "group_id", "completion", "completion_token_ids", "completion_offsets")}
+    samples = []
+    for pid, g, text, ids, offsets in zip(*cols.values()):
+        row = rows[g]
+        samples.append({"id": pid, "prompt": _prompt_text(row), "completion": text, "answer": row["answer"],
+                        "metadata": {**row.get("metadata", {}), "token_offsets": offsets},
+                        "completion_token_ids": ids})
+    out = pool.score(samples)
+    table = rollouts.append_column("reward", pa.array(out["rewards"], pa.float32()))
+    for name, values in out["components"].items():
+        table = table.append_column(f"reward_{name}", pa.array(values, pa.float32()))
+    if out.get("steps") is not None:
+        steps = [s or [] for s in out["steps"]]
+        table = table.append_column("step_rewards", pa.array([[float(r) for r, _ in s] for s in steps],
+                                                             pa.list_(pa.float32())))
+        table = table.append_column("step_ends", pa.array([[int(e) for _, e in s] for s in steps],
+                                                          pa.list_(pa.int32())))
+    return table, dict(out["failures"])
+
+
+def _group_rewards(batch: pa.Table) -> dict[int, list[float]]:
+    groups: dict[int, list[float]] = defaultdict(list)
+    for g, r in zip(batch.column("group_id").to_pylist(), batch.column("reward").to_pylist()):
+        groups[g].append(r)
+    return groups
+
+
+def collect(engines: list, pool, task, prompts: int, group_size: int, algo: AlgorithmConfig,
+            timeout_s: float) -> tuple[pa.Table, dict]:
+    """Generate and score `prompts` groups. With dynamic sampling (DAPO), groups whose rewards are all
+    equal carry no signal: drop them and generate for fresh prompts, at most max_rounds rounds;
+    if still short, the dropped groups fill the batch so its shape stays fixed."""
+    ds = algo.dynamic_sampling
+    rows: list[dict] = []
+    tables, failures = [], defaultdict(int)
+    stats = {"time_generate_s": 0.0, "time_reward_s": 0.0, "generation_rounds": 0}
+    informative: list[int] = []
+    for _ in range(ds.max_rounds if ds.enabled else 1):
+        new = task.next_prompts(prompts - len(informative))
+        t0 = time.monotonic()
+        rollouts = generate(engines, new, group_size, timeout_s, first_group=len(rows))
+        rows += new
+        t1 = time.monotonic()
+        table, fails = score(pool, rollouts, rows)
+        stats["time_generate_s"] += t1 - t0
+        stats["time_reward_s"] += time.monotonic() - t1
+        stats["generation_rounds"] += 1
+        for k, v in fails.items():
+            failures[k] += v
+        tables.append(table)
+        informative += [g for g, r in _group_rewards(table).items() if max(r) > min(r)]
+        if len(informative) >= prompts:
+            break
+    batch = pa.concat_tables(tables, promote_options="default")
+    if ds.enabled:
+        flat = [g for g in _group_rewards(batch) if g not in set(informative)]
+        chosen = (informative + flat)[:prompts]
+        stats["pruned_groups"] = len(_group_rewards(batch)) - len(informative)
+        stats["zero_variance_groups_kept"] = max(0, prompts - len(informative))
+        # keep the chosen groups, renumbered 0..prompts-1 so rows[] follows the batch
+        renumber = {g: i for i, g in enumerate(chosen)}
+        keep = pc.is_in(batch.column("group_id"), pa.array(chosen, pa.int32()))
+        batch = batch.filter(keep)
+        batch = batch.set_column(batch.schema.get_field_index("group_id"), "group_id",
+                                 pa.array([renumber[g] for g in batch.column("group_id").to_pylist()], pa.int32()))
+        batch = batch.sort_by("group_id")
+    stats["reward_failures"] = sum(failures.values())
+    stats.update({f"reward_failures_{k}": v for k, v in failures.items()})
+    return batch, stats
+
+
+def with_advantages(batch: pa.Table, algo: AlgorithmConfig, kl_sums: list[float], max_new_tokens: int) -> pa.Table:
+    """Shape the rewards (overlong penalty, KL in the reward) and compute advantages.
+
+    ppo computes its advantages on the learner (GAE needs the critic); the others here, per group.
+    Under process supervision a scalar shaping term is a step ending at the last token.
+    """
+    rewards = torch.tensor(batch.column("reward").to_pylist(), dtype=torch.float32)
+    lengths = torch.tensor(pc.list_value_length(batch.column("completion_token_ids")).to_pylist())
+    shaping = torch.zeros_like(rewards)
+    if algo.overlong.buffer:
+        shaping += overlong_penalty(lengths, max_new_tokens, algo.overlong.buffer, algo.overlong.factor)
+    if algo.kl_place == "reward" and algo.name != "ppo":
+        shaping -= algo.beta * torch.tensor(kl_sums, dtype=torch.float32)
+    batch = batch.append_column("shaped_reward", pa.array((rewards + shaping).tolist(), pa.float32()))
+    if algo.name == "ppo":
+        return batch
     groups = torch.tensor(batch.column("group_id").to_pylist())
-    adv = ADVANTAGES[algo.advantage](rewards, groups, eps=algo.adv_eps)
-    return batch.append_column("advantage", pa.array(adv.tolist(), pa.float32()))
+    if algo.supervision == "outcome":
+        adv = ADVANTAGES[algo.baseline](rewards + shaping, groups, eps=algo.adv_eps)
+        return batch.append_column("advantage", pa.array(adv.tolist(), pa.float32()))
+    if "step_rewards" not in batch.column_names:
+        raise ValueError("algorithm.supervision=process needs a reward that returns per-step rewards "
+                         "[(reward, end_token), ...] (a `python` reward component)")
+    step_rewards = [s or [] for s in batch.column("step_rewards").to_pylist()]
+    step_ends = [s or [] for s in batch.column("step_ends").to_pylist()]
+    for i, s in enumerate(shaping.tolist()):
+        if s:
+            step_rewards[i] = step_rewards[i] + [s]
+            step_ends[i] = step_ends[i] + [max(0, int(lengths[i]) - 1)]
+    adv = process_advantages(step_rewards, step_ends, groups, max(1, int(lengths.max())), eps=algo.adv_eps)
+    per_token = [adv[i, : int(lengths[i])].tolist() for i in range(len(lengths))]
+    batch = batch.append_column("advantage", pa.array(adv[:, 0].tolist(), pa.float32()))
+    return batch.append_column("advantage_tokens", pa.array(per_token, pa.list_(pa.float32())))
 
 
-def shards(batch: pa.Table, num_ranks: int, seed: int) -> list[dict]:
+PREPARE_COLUMNS = ("prompt_token_ids", "completion_token_ids", "logprobs", "finish_reason")
+
+
+def shards(batch: pa.Table, num_ranks: int, seed: int, columns=PREPARE_COLUMNS) -> list[dict]:
     """Equal contiguous slices, one per learner rank, as plain columns."""
-    cols = ("prompt_token_ids", "completion_token_ids", "logprobs", "advantage")
+    cols = [c for c in columns if c in batch.column_names]
     out = []
     for a, b in _split(range(batch.num_rows), num_ranks):
         part = batch.slice(a, b - a)
@@ -51,17 +158,22 @@ def shards(batch: pa.Table, num_ranks: int, seed: int) -> list[dict]:
     return out
 
 
-def evaluate(engines: list, pool, rows: list[dict], timeout_s: float) -> float:
-    """Greedy pass@1 on held-out rows."""
-    out, _ = score(pool, generate(engines, rows, 1, timeout_s, greedy=True), rows)
-    return float(pc.mean(out.column("reward")).as_py())
+def train_shards(batch: pa.Table, num_ranks: int, seed: int, algo: AlgorithmConfig) -> list[dict]:
+    extra = ("shaped_reward",) if algo.name == "ppo" else ("advantage", "advantage_tokens")
+    out = shards(batch, num_ranks, seed, PREPARE_COLUMNS + extra)
+    for s in out:
+        if "shaped_reward" in s:
+            s["reward"] = s.pop("shaped_reward")
+        if algo.supervision == "outcome":
+            s.pop("advantage_tokens", None)
+    return out
 
 
 def rollout_stats(batch: pa.Table) -> dict:
     rewards = batch.column("reward")
     lengths = pc.list_value_length(batch.column("completion_token_ids"))
     n = batch.num_rows
-    return {
+    stats = {
         "reward_mean": pc.mean(rewards).as_py(),
         "reward_std": pc.stddev(rewards, ddof=0).as_py(),
         "response_length_mean": pc.mean(lengths).as_py(),
@@ -69,6 +181,10 @@ def rollout_stats(batch: pa.Table) -> dict:
         "truncated_fraction": pc.sum(pc.equal(batch.column("finish_reason"), "length")).as_py() / n,
         "policy_version": int(pc.min(batch.column("policy_version")).as_py()),
     }
+    for name in batch.column_names:
+        if name.startswith("reward_"):
+            stats[f"{name}_mean"] = pc.mean(batch.column(name)).as_py()
+    return stats
 
 
 def with_token_counts(batch: pa.Table) -> pa.Table:

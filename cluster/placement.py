@@ -13,8 +13,9 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from actors.rollout import RolloutActor
 from learner.group import LearnerGroup
 from rewards.pool import RewardPool
+from rewards.tasks import DEFAULT_REWARD
 
-from .config import Config
+from .config import Config, RunConfig
 from .sync.broadcast import WeightSync
 
 log = logging.getLogger("groupflow")
@@ -22,19 +23,16 @@ log = logging.getLogger("groupflow")
 ACTOR_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
 
 
-def start_ray(cfg: Config) -> None:
+def start_ray(run: RunConfig, cpus_needed: float) -> None:
     if ray.is_initialized():
         return
-    address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
+    address = run.ray_address or os.environ.get("RAY_ADDRESS")
     if address:
         # Inside `ray job submit` the job's runtime_env (working_dir) must stay the actors' env.
         ray.init(address=address, log_to_driver=True)
         return
-    need = (cfg.engines.num_engines * cfg.engines.cpus_per_engine
-            + cfg.learner.num_ranks * cfg.learner.cpus_per_rank
-            + cfg.rewards.num_workers * cfg.rewards.cpus_per_worker)
     # Logical CPUs: the phases of a synchronous step take turns on the same cores.
-    num_cpus = cfg.run.num_cpus or max(os.cpu_count() or 1, math.ceil(need))
+    num_cpus = run.num_cpus or max(os.cpu_count() or 1, math.ceil(cpus_needed))
     # A local instance writes ~/.ray/auth_token otherwise, which later breaks `ray job submit`
     # against a `ray start --head` cluster on the same box. Clusters set their own auth mode.
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -70,28 +68,73 @@ class Roles:
             remove_placement_group(pg)
 
 
+def _engine_bundles(cfg: Config) -> list[dict]:
+    e = cfg.engines
+    return [{"CPU": e.cpus_per_engine, **({"GPU": e.tensor_parallel_size} if e.device == "cuda" else {})}
+            for _ in range(e.num_engines)]
+
+
+def _reward_bundles(cfg: Config) -> list[dict]:
+    return [{"CPU": cfg.rewards.cpus_per_worker} for _ in range(cfg.rewards.num_workers)]
+
+
+def _launch_engines(cfg: Config, model_path: str, opts: list[dict]) -> list:
+    e = cfg.engines
+    return [RolloutActor.options(num_cpus=e.cpus_per_engine,
+                                 num_gpus=e.tensor_parallel_size if e.device == "cuda" else 0, **o)
+            .remote(e, model_path, cfg.trainer.seed, i) for i, o in enumerate(opts)]
+
+
+def _wait_engines(engines: list, timeout_s: float) -> None:
+    try:
+        ray.get([a.ready.remote() for a in engines], timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        raise TimeoutError(f"rollout engines did not start within {timeout_s}s") from None
+
+
+def create_engines(cfg: Config, model_path: str) -> tuple[list, object]:
+    """Rollout engines alone (evaluation, pruning): started and ready; the caller kills them and
+    removes the placement group."""
+    pg, opts = _reserve("groupflow-engines", _engine_bundles(cfg), cfg.run.timeout_s)
+    engines = _launch_engines(cfg, model_path, opts)
+    try:
+        _wait_engines(engines, cfg.run.timeout_s)
+    except BaseException:
+        for a in engines:
+            ray.kill(a)
+        remove_placement_group(pg)
+        raise
+    return engines, pg
+
+
+def create_reward_pool(cfg: Config) -> tuple[RewardPool, object]:
+    """The configured reward (the task's default when rewards.components is empty), every scorer built."""
+    pg, opts = _reserve("groupflow-rewards", _reward_bundles(cfg), cfg.run.timeout_s)
+    pool = RewardPool(cfg.rewards, opts, DEFAULT_REWARD[cfg.rewards.task.name])
+    try:
+        pool.ready(cfg.run.timeout_s)
+    except BaseException:
+        pool.shutdown()
+        remove_placement_group(pg)
+        raise
+    return pool, pg
+
+
 def create_roles(cfg: Config, model_path: str) -> Roles:
-    e, lc, t = cfg.engines, cfg.learner, cfg.run.timeout_s
-    gpu = e.device == "cuda"
-    eng_pg, eng_opts = _reserve("groupflow-engines", [
-        {"CPU": e.cpus_per_engine, **({"GPU": e.tensor_parallel_size} if gpu else {})}
-        for _ in range(e.num_engines)], t)
+    # All groups reserved first, then every actor launched, so engines and learner start together.
+    lc, t = cfg.learner, cfg.run.timeout_s
+    eng_pg, eng_opts = _reserve("groupflow-engines", _engine_bundles(cfg), t)
     lrn_pg, lrn_opts = _reserve("groupflow-learner", [
         {"CPU": lc.cpus_per_rank, **({"GPU": 1} if lc.device == "cuda" else {})}
         for _ in range(lc.num_ranks)], t)
-    rwd_pg, rwd_opts = _reserve("groupflow-rewards", [
-        {"CPU": cfg.rewards.cpus_per_worker} for _ in range(cfg.rewards.num_workers)], t)
+    rwd_pg, rwd_opts = _reserve("groupflow-rewards", _reward_bundles(cfg), t)
 
-    engines = [RolloutActor.options(num_cpus=e.cpus_per_engine,
-                                    num_gpus=e.tensor_parallel_size if gpu else 0, **o)
-               .remote(e, model_path, cfg.trainer.seed, i) for i, o in enumerate(eng_opts)]
+    e = cfg.engines
+    engines = _launch_engines(cfg, model_path, eng_opts)
     learner = LearnerGroup(lc, cfg.algorithm, model_path, cfg.local_batch, e.temperature,
                            e.max_new_tokens, lrn_opts, t)
-    rewards = RewardPool(cfg.rewards, rwd_opts)
-    try:
-        ray.get([a.ready.remote() for a in engines], timeout=t)
-    except ray.exceptions.GetTimeoutError:
-        raise TimeoutError(f"rollout engines did not start within {t}s") from None
+    rewards = RewardPool(cfg.rewards, rwd_opts, DEFAULT_REWARD[cfg.rewards.task.name])
+    _wait_engines(engines, t)
     sync = WeightSync(learner, engines, cfg.sync_backend, e.dtype, e.tensor_parallel_size,
                       cfg.sync.bucket_mb, cfg.sync.timeout_s)
     return Roles(engines, rewards, learner, sync, [eng_pg, lrn_pg, rwd_pg])

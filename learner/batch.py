@@ -43,8 +43,8 @@ def make_micro(prompts: list[list[int]], completions: list[list[int]], rows: lis
     return Micro(input_ids, attention, comp_index, comp_ids, comp_mask, rows)
 
 
-def completion_logprobs(model, micro: Micro, temperature: float = 1.0, with_entropy: bool = False):
-    """log pi(c_t | prefix) for every completion token: [B, C] (and the entropy there, if asked).
+def completion_logits(model, micro: Micro, temperature: float = 1.0) -> torch.Tensor:
+    """The logits that predict each completion token, temperature applied: [B, C, V].
 
     Logits at all positions, then a gather: `logits_to_keep` (projecting only from the shortest
     prompt's end) measured 13% slower per forward+backward under ZeRO-3 on CPU.
@@ -52,10 +52,19 @@ def completion_logprobs(model, micro: Micro, temperature: float = 1.0, with_entr
     logits = model(input_ids=micro.input_ids, attention_mask=micro.attention).logits
     idx = micro.comp_index.unsqueeze(-1).expand(-1, -1, logits.size(-1))
     sel = torch.gather(logits, 1, idx)  # completion positions only: [B, C, V]
-    if temperature != 1.0:
-        sel = sel / temperature
+    return sel / temperature if temperature != 1.0 else sel
+
+
+def completion_logprobs(model, micro: Micro, temperature: float = 1.0, with_entropy: bool = False):
+    """log pi(c_t | prefix) for every completion token: [B, C] (and the entropy there, if asked)."""
+    sel = completion_logits(model, micro, temperature)
     logp = token_logprobs(sel, micro.comp_ids)
     return (logp, entropy_from_logits(sel)) if with_entropy else logp
+
+
+def gather_positions(x: torch.Tensor, micro: Micro) -> torch.Tensor:
+    """[B, L] per-position values (a critic's) at the positions that predict completion tokens: [B, C]."""
+    return torch.gather(x, 1, micro.comp_index)
 
 
 def stack_padded(rows: list[torch.Tensor], width: int) -> torch.Tensor:

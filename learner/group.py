@@ -16,7 +16,8 @@ def _get(refs, timeout_s: float, what: str):
 
 class LearnerGroup:
     def __init__(self, cfg: LearnerConfig, algo: AlgorithmConfig, model_path: str, local_batch: int,
-                 temperature: float, max_new_tokens: int, actor_options: list[dict], timeout_s: float):
+                 temperature: float, max_new_tokens: int, actor_options: list[dict], timeout_s: float,
+                 mode: str = "rl"):
         self.cfg, self.timeout_s = cfg, timeout_s
         n = cfg.num_ranks
         self.ranks = [
@@ -26,7 +27,7 @@ class LearnerGroup:
             for r, opts in enumerate(actor_options)
         ]
         master, port = _get(self.ranks[0].address.remote(), timeout_s, "reporting rank 0's address")
-        self.call("setup", master, port, what="learner start-up (DeepSpeed init)")
+        self.call("setup", master, port, mode, what="learner start-up (DeepSpeed init)")
 
     def call(self, method: str, *args, what: str | None = None, per_rank: list | None = None):
         refs = [getattr(a, method).remote(*(per_rank[r] if per_rank else args))
@@ -37,17 +38,30 @@ class LearnerGroup:
         """Fire a collective call without waiting (weight sync runs alongside the engines)."""
         return [getattr(a, method).remote(*args) for a in self.ranks]
 
+    def prepare(self, shards: list[dict]) -> tuple[dict, list[float]]:
+        """pi_old / pi_ref (/ critic) pass on every rank; returns merged stats and each sample's KL sum."""
+        results = self.call("prepare", per_rank=[(s,) for s in shards], what="scoring the batch (pi_old, pi_ref)")
+        tokens = sum(r["stats"]["tokens"] for r in results)
+        keys = [k for k in results[0]["stats"] if k not in ("tokens", "logprob_abs_diff_sum", "logprob_tokens")]
+        merged = {k: sum(r["stats"][k] * r["stats"]["tokens"] for r in results) / max(tokens, 1.0) for k in keys}
+        diff_n = sum(r["stats"]["logprob_tokens"] for r in results)
+        merged["logprob_abs_diff_mean"] = sum(r["stats"]["logprob_abs_diff_sum"] for r in results) / max(1, diff_n)
+        merged["time_prepare_s"] = max(r["time_s"] for r in results)
+        return merged, [x for r in results for x in r["kl_sum"]]
+
     def train(self, shards: list[dict]) -> dict:
         results = self.call("train", per_rank=[(s,) for s in shards], what="a training step")
-        merged = {k: sum(r[k] for r in results) / len(results) for k in results[0]}
-        diff_n = sum(r["logprob_tokens"] for r in results)
-        merged["logprob_abs_diff_mean"] = sum(r["logprob_abs_diff_sum"] for r in results) / max(1, diff_n)
-        for k in ("logprob_abs_diff_sum", "logprob_tokens"):
-            merged.pop(k)
-        return merged
+        return {k: sum(r[k] for r in results) / len(results) for k in results[0]}
 
-    def save(self, path: str) -> str:
-        return self.call("save_checkpoint", path, what=f"saving {path}")[0]
+    def sft_train(self, shards: list[dict]) -> dict:
+        results = self.call("sft_train", per_rank=[(s,) for s in shards], what="an SFT step")
+        return {k: sum(r[k] for r in results) / len(results) for k in results[0]}
+
+    def peak_memory(self) -> list[dict]:
+        return self.call("peak_memory")
+
+    def save(self, path: str, trainer_state: dict | None = None) -> str:
+        return self.call("save_checkpoint", path, trainer_state, what=f"saving {path}")[0]
 
     def shutdown(self):
         for a in self.ranks:

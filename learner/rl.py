@@ -1,0 +1,180 @@
+"""One rollout batch through the learner: `prepare` scores it under pi_old, pi_ref (and the critic),
+then `train` runs epochs x minibatches of the configured objective. Plain functions over engines,
+so the Ray actor stays a thin shell and the order of work reads top to bottom.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+
+from .algorithms import KL_ESTIMATORS, entropy, entropy_from_logits, grpo_loss, masked_mean, tis_weights, token_logprobs
+from .batch import Micro, completion_logits, gather_positions, make_micro, stack_padded
+from .config import AlgorithmConfig
+from .divergences import exact_divergences, per_token_divergence
+from .ppo_math import gae, kl_shaped_rewards, masked_whiten, value_loss
+
+
+@dataclass
+class Prepared:
+    """Per-row tensors of one shard, computed before any update (rows index the shard)."""
+    old: dict[int, torch.Tensor] = field(default_factory=dict)
+    ref: dict[int, torch.Tensor] = field(default_factory=dict)
+    values: dict[int, torch.Tensor] = field(default_factory=dict)
+    engine: dict[int, torch.Tensor] = field(default_factory=dict)
+    keep: dict[int, float] = field(default_factory=dict)  # 0: masked out (overlong masking)
+
+
+def micros(shard: dict, order: list[int], size: int, pad_id: int, device) -> list[Micro]:
+    return [make_micro([shard["prompt_token_ids"][i] for i in order[k: k + size]],
+                       [shard["completion_token_ids"][i] for i in order[k: k + size]],
+                       order[k: k + size], pad_id).to(device)
+            for k in range(0, len(order), size)]
+
+
+def _mask(mb: Micro, prep: Prepared) -> torch.Tensor:
+    keep = torch.tensor([prep.keep[i] for i in mb.rows], device=mb.comp_mask.device)
+    return mb.comp_mask * keep[:, None]
+
+
+@torch.no_grad()
+def prepare(engines: dict, shard: dict, algo: AlgorithmConfig, temperature: float, size: int,
+            pad_id: int, device) -> tuple[Prepared, dict, list[float]]:
+    """pi_old / pi_ref logprobs, old values, the logged divergences, and each sample's summed KL."""
+    prep = Prepared()
+    n = len(shard["completion_token_ids"])
+    sums: dict[str, float] = defaultdict(float)
+    tokens, kl_sums = 0.0, [0.0] * n
+    for mb in micros(shard, list(range(n)), size, pad_id, device):
+        sel = completion_logits(engines["policy"], mb, temperature)
+        old = token_logprobs(sel, mb.comp_ids)
+        ref_sel = completion_logits(engines["ref"], mb, temperature)
+        ref = token_logprobs(ref_sel, mb.comp_ids)
+        kl = KL_ESTIMATORS[algo.kl_estimator](old, ref) * mb.comp_mask
+        w = float(mb.comp_mask.sum())
+        tokens += w
+        sums["entropy"] += float(masked_mean(entropy_from_logits(sel), mb.comp_mask)) * w
+        for name, estimator in KL_ESTIMATORS.items():  # every sampled estimator, whichever is in the loss
+            sums[f"kl_{name}"] += float(masked_mean(estimator(old, ref), mb.comp_mask)) * w
+        if algo.log_divergences:
+            for k, v in exact_divergences(sel, ref_sel, mb.comp_mask, algo.divergence_chunk).items():
+                sums[k] += float(v) * w
+        values = gather_positions(engines["critic"](mb.input_ids, mb.attention), mb) if "critic" in engines else None
+        del sel, ref_sel
+        for j, i in enumerate(mb.rows):
+            c = len(shard["completion_token_ids"][i])
+            prep.old[i], prep.ref[i] = old[j, :c].float(), ref[j, :c].float()
+            prep.engine[i] = torch.tensor(shard["logprobs"][i][:c], device=device, dtype=torch.float32)
+            if values is not None:
+                prep.values[i] = values[j, :c].float()
+            kl_sums[i] = float(kl[j].sum())
+            truncated = shard["finish_reason"][i] == "length"
+            prep.keep[i] = 0.0 if (algo.overlong.mask_truncated and truncated) else 1.0
+    # Evidence the engines hold our weights: their logprobs vs ours, before we update.
+    diffs = [(prep.old[i] - prep.engine[i]).abs() for i in range(n) if prep.old[i].numel()]
+    stats = {f"{k}_pre" if k == "entropy" else k: v / max(tokens, 1.0) for k, v in sums.items()}
+    stats.update(logprob_abs_diff_sum=float(sum(d.sum() for d in diffs)),
+                 logprob_tokens=sum(d.numel() for d in diffs), tokens=tokens)
+    return prep, stats, kl_sums
+
+
+def ppo_advantages(prep: Prepared, shard: dict, algo: AlgorithmConfig, device) -> tuple[dict, dict]:
+    """GAE over per-token rewards: the outcome at the last token, minus beta * KL per token if kl_in=reward."""
+    rows = list(range(len(shard["reward"])))
+    width = max(1, max(prep.old[i].numel() for i in rows))
+    mask = stack_padded([torch.ones_like(prep.old[i]) * prep.keep[i] for i in rows], width)
+    kl = stack_padded([KL_ESTIMATORS[algo.kl_estimator](prep.old[i], prep.ref[i]) for i in rows], width)
+    beta = algo.beta if algo.kl_place == "reward" else 0.0
+    outcome = torch.tensor(shard["reward"], dtype=torch.float32, device=device)
+    token_rewards = kl_shaped_rewards(outcome, kl, mask, beta)
+    values = stack_padded([prep.values[i] for i in rows], width)
+    adv, returns = gae(token_rewards, values, mask, algo.ppo.gamma, algo.ppo.lam)
+    if algo.ppo.whiten_advantages:
+        adv = masked_whiten(adv, mask)
+    return ({i: adv[i, : prep.old[i].numel()] for i in rows},
+            {i: returns[i, : prep.old[i].numel()] for i in rows})
+
+
+def _advantages(mb: Micro, shard: dict, token_adv: dict | None, C: int, device) -> torch.Tensor:
+    if token_adv is not None:
+        return stack_padded([token_adv[i] for i in mb.rows], C)
+    if "advantage_tokens" in shard:  # process supervision: one advantage per token
+        return stack_padded([torch.tensor(shard["advantage_tokens"][i], device=device) for i in mb.rows], C)
+    return torch.tensor([shard["advantage"][i] for i in mb.rows], device=device, dtype=torch.float32)
+
+
+def train(engines: dict, shard: dict, prep: Prepared, algo: AlgorithmConfig, epochs: int, minibatches: int,
+          temperature: float, size: int, pad_id: int, norm_len: int, device) -> dict:
+    """epochs x minibatches optimizer steps of the clipped objective (and the critic for ppo)."""
+    policy, ref, critic = engines["policy"], engines.get("ref"), engines.get("critic")
+    n = len(shard["completion_token_ids"])
+    token_adv = returns = None
+    if algo.name == "ppo":
+        token_adv, returns = ppo_advantages(prep, shard, algo, device)
+    beta = algo.beta if algo.kl_place == "loss" else 0.0
+    sums: dict[str, float] = defaultdict(float)
+    count = 0
+    per_mb = n // minibatches
+    g = torch.Generator().manual_seed(int(shard.get("seed", 0)))
+    policy.train()
+    for _ in range(epochs):
+        perm = torch.randperm(n, generator=g).tolist()
+        for k in range(minibatches):
+            for mb in micros(shard, perm[k * per_mb: (k + 1) * per_mb], size, pad_id, device):
+                C = mb.comp_ids.size(1)
+                mask = _mask(mb, prep)
+                old_lp = stack_padded([prep.old[i] for i in mb.rows], C)
+                ref_lp = stack_padded([prep.ref[i] for i in mb.rows], C)
+                sel = completion_logits(policy, mb, temperature)
+                logp = token_logprobs(sel, mb.comp_ids)
+                ent = entropy(sel) if algo.entropy_coef else entropy_from_logits(sel)
+                div = None
+                if algo.divergence and beta:
+                    with torch.no_grad():
+                        ref_sel = completion_logits(ref, mb, temperature)
+                    div = per_token_divergence(algo.divergence, sel, ref_sel, algo.divergence_chunk)
+                isw = None
+                if algo.tis_cap:
+                    isw = tis_weights(old_lp, stack_padded([prep.engine[i] for i in mb.rows], C), algo.tis_cap)
+                    sums["tis_weight_mean"] += float(masked_mean(isw, mask))
+                loss, stats = grpo_loss(
+                    logp, old_lp, ref_lp, _advantages(mb, shard, token_adv, C, device), mask, algo.clip_eps, beta,
+                    algo.kl_estimator, algo.clip_eps_high, algo.aggregation, norm_len, dual_clip=algo.dual_clip,
+                    ratio_level=algo.ratio_level, is_weights=isw,
+                    entropy=ent if algo.entropy_coef else None, entropy_coef=algo.entropy_coef, divergence=div)
+                policy.backward(loss)
+                policy.step()  # DeepSpeed steps the optimizer at the accumulation boundary
+                sums["loss"] += loss.item()
+                sums["entropy"] += float(masked_mean(ent.detach(), mask))
+                for key in ("kl", "clip_fraction", "ratio_mean", "dual_clip_fraction"):
+                    if key in stats:
+                        sums[key] += float(stats[key])
+                if critic is not None:
+                    v = gather_positions(critic(mb.input_ids, mb.attention), mb)
+                    vloss, vstats = value_loss(v, stack_padded([prep.values[i] for i in mb.rows], C),
+                                               stack_padded([returns[i] for i in mb.rows], C), mask,
+                                               algo.ppo.value_clip)
+                    critic.backward(vloss)
+                    critic.step()
+                    sums["value_loss"] += vloss.item()
+                    for key, val in vstats.items():
+                        sums[key] += float(val)
+                count += 1
+    return {k: v / max(1, count) for k, v in sums.items()}
+
+
+def sft_train(policy, shard: dict, minibatches: int, size: int, pad_id: int, device) -> dict:
+    """One pass of supervised fine-tuning: token-mean NLL of the responses (prompt tokens masked)."""
+    n = len(shard["completion_token_ids"])
+    per_mb = n // minibatches
+    policy.train()
+    total, count = 0.0, 0
+    for k in range(minibatches):
+        for mb in micros(shard, list(range(k * per_mb, (k + 1) * per_mb)), size, pad_id, device):
+            logp = token_logprobs(completion_logits(policy, mb), mb.comp_ids)
+            loss = -masked_mean(logp, mb.comp_mask)
+            policy.backward(loss)
+            policy.step()
+            total, count = total + loss.item(), count + 1
+    return {"loss": total / max(1, count)}
