@@ -34,3 +34,69 @@ def train_report(cfg: Config, run_dir: Path) -> dict:
         "reward_mean_first_last": [rows[0]["reward_mean"], rows[-1]["reward_mean"]],
         "run_dir": str(run_dir),
     }
+
+
+def synthetic_batch(cfg: Config, vocab: int, seed: int):
+    """A rollout-shaped table of random tokens and 0/1 rewards: the learner's input without engines."""
+    import pyarrow as pa
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    P, G, C = cfg.trainer.prompts_per_step, cfg.trainer.group_size, cfg.engines.max_new_tokens
+    n = P * G
+    prompts = [torch.randint(0, vocab, (48,), generator=g).tolist() for _ in range(P)]
+    return pa.table({
+        "group_id": pa.array([i // G for i in range(n)], pa.int32()),
+        "prompt_token_ids": [prompts[i // G] for i in range(n)],
+        "completion_token_ids": [torch.randint(0, vocab, (C,), generator=g).tolist() for _ in range(n)],
+        "logprobs": [[0.0] * C for _ in range(n)],
+        "finish_reason": ["stop"] * n,
+        "reward": pa.array(torch.randint(0, 2, (n,), generator=g).float().tolist(), pa.float32()),
+    })
+
+
+def memory_report(cfg: Config, run_dir: Path, steps: int = 3) -> dict:
+    """Peak learner memory of PPO (policy + reference + value model) and of GRPO (no critic), on the
+    same model and the same batch, each in fresh learner processes, measured one after the other."""
+    from transformers import AutoConfig
+
+    from learner.group import LearnerGroup
+
+    from . import phases
+    from .placement import start_ray
+    from .prepare import prepare_model
+
+    model_path = str(prepare_model(cfg.model, run_dir, cfg.trainer.seed))
+    vocab = AutoConfig.from_pretrained(model_path).vocab_size
+    R = cfg.learner.num_ranks
+    start_ray(cfg.run, R * cfg.learner.cpus_per_rank)
+    results = {}
+    for name in ("grpo", "ppo"):
+        algo = cfg.algorithm.model_copy(update={"name": name})
+        group = LearnerGroup(cfg.learner, algo, model_path, cfg.local_batch, cfg.engines.temperature,
+                             cfg.engines.max_new_tokens, [{}] * R, cfg.run.timeout_s)
+        try:
+            for step in range(steps):
+                batch = synthetic_batch(cfg, vocab, cfg.trainer.seed + step)
+                _, kl_sums = group.prepare(phases.shards(batch, R, step))
+                batch = phases.with_advantages(batch, algo, kl_sums, cfg.engines.max_new_tokens)
+                group.train(phases.train_shards(batch, R, step, algo))
+            peaks = group.peak_memory()
+        finally:
+            group.shutdown()
+        results[name] = {"peak_rss_mib_per_rank": [p["peak_rss_mib"] for p in peaks],
+                         "peak_rss_mib_total": sum(p["peak_rss_mib"] for p in peaks)}
+        if "peak_cuda_mib" in peaks[0]:
+            results[name]["peak_cuda_mib_total"] = sum(p["peak_cuda_mib"] for p in peaks)
+    key = "peak_cuda_mib_total" if "peak_cuda_mib_total" in results["grpo"] else "peak_rss_mib_total"
+    return {
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "model": cfg.model.path if cfg.model.random_init is None else "tiny-random",
+        "learner": {"ranks": R, "zero_stage": cfg.learner.zero_stage, "dtype": cfg.learner.dtype,
+                    "batch": cfg.trainer.prompts_per_step * cfg.trainer.group_size,
+                    "completion_tokens": cfg.engines.max_new_tokens},
+        "steps": steps,
+        **results,
+        "ppo_over_grpo": results["ppo"][key] / results["grpo"][key],
+        "measure": key,
+    }

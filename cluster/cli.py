@@ -24,10 +24,46 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--run-dir", help="where to write metrics, rollouts and checkpoints (default: runs/<time>)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    s = sub.add_parser("sft", help="supervised fine-tuning on prompt/response traces (R1 cold start)",
+                       description="Fine-tune the policy on reasoning traces with the GRPO learner's ranks; "
+                       "the final checkpoint is a valid model.path for `groupflow train`. See deploy/configs/sft.yaml.")
+    s.add_argument("--config", required=True, help="a YAML SFT config (model, data, trainer, learner)")
+    s.add_argument("--run-dir")
+    s.add_argument("--no-progress", action="store_true")
+    s.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     c = sub.add_parser("config", help="print the resolved config as YAML (validates it)")
     c.add_argument("--config")
     c.add_argument("--describe", action="store_true", help="list every field with its default and meaning")
     c.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    ev = sub.add_parser("eval", help="pass@1 and pass@k of a checkpoint on a task", description=(
+        "Evaluate a HF checkpoint with the vLLM engines and the configured reward (the task's scorer "
+        "by default). --samples 1 decodes greedily; K > 1 samples at engines.temperature and reports "
+        "pass@1 (mean success rate) and unbiased pass@K. A sample is solved when its reward reaches 1."))
+    ev.add_argument("--checkpoint", required=True, help="a HF checkpoint dir (config.json), e.g. RUN/checkpoints/final")
+    ev.add_argument("--config", help="a YAML config for engines and rewards (default: the embedded one)")
+    ev.add_argument("--task", help="sets rewards.task.name (gsm8k and dataset also need rewards.task.data_path=...)")
+    ev.add_argument("--split", choices=("eval", "train"), default="eval",
+                    help="eval: the held-out prompts; train: the first rewards.task.eval_size training rows")
+    ev.add_argument("--samples", type=_positive, default=1, help="K completions per prompt (default 1: greedy)")
+    ev.add_argument("--json", help="also write the report here")
+    ev.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    pr = sub.add_parser("prune", help="pass rate per training prompt; keep the prompts inside a band",
+                        description=("Sample K completions per training prompt with a model, write each "
+                                     "prompt's pass rate to OUT/pass_rates.parquet and the prompts with "
+                                     "LOW < pass rate < HIGH to OUT/kept.jsonl (in the task's own fields), "
+                                     "and a report to OUT/report.json."))
+    pr.add_argument("--config", help="a YAML config: the task, engines and rewards (default: the embedded one)")
+    pr.add_argument("--model", required=True, help="'smollm2' or a HF checkpoint dir")
+    pr.add_argument("--samples", type=_positive, default=8, help="K completions per prompt")
+    pr.add_argument("--low", type=float, default=0.0, help="keep pass rates above this (default 0: drop never solved)")
+    pr.add_argument("--high", type=float, default=1.0, help="keep pass rates below this (default 1: drop always solved)")
+    pr.add_argument("--inclusive-low", action="store_true", help="also keep pass rate == LOW")
+    pr.add_argument("--inclusive-high", action="store_true", help="also keep pass rate == HIGH")
+    pr.add_argument("--limit", type=_positive, help="only the first N training prompts (default: all)")
+    pr.add_argument("--chunk", type=_positive, default=64, help="prompts sent to the engines at a time")
+    pr.add_argument("--out", required=True, help="output directory")
+    pr.add_argument("--no-progress", action="store_true")
+    pr.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     b = sub.add_parser("bench", help="benchmarks with JSON output")
     bsub = b.add_subparsers(dest="bench", required=True)
     bt = bsub.add_parser("train", help="run a training and report wall time, accuracy and phase shares")
@@ -35,7 +71,29 @@ def _parser() -> argparse.ArgumentParser:
     bt.add_argument("--run-dir")
     bt.add_argument("--json", help="also write the report here")
     bt.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    bm = bsub.add_parser("memory", help="peak learner memory of PPO (with its critic) vs GRPO on one batch")
+    bm.add_argument("--config")
+    bm.add_argument("--run-dir")
+    bm.add_argument("--steps", type=int, default=3, help="training steps per algorithm")
+    bm.add_argument("--json", help="also write the report here")
+    bm.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     return p
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _overrides(args) -> list[str]:
+    """The flags that are config fields, as overrides placed before the user's own."""
+    if args.command == "eval" and args.task:
+        return [f"rewards.task.name={args.task}", *args.overrides]
+    if args.command == "prune":  # the model given is the model measured: no random re-init from the config
+        return [f"model.path={args.model}", "model.random_init=null", *args.overrides]
+    return list(args.overrides)
 
 
 def _run_dir(arg: str | None) -> Path:
@@ -52,28 +110,71 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
-        cfg: Config = load_config(args.config, args.overrides)
+        if args.command == "sft":
+            from .sft import SFTConfig
+            cfg = load_config(args.config, args.overrides, SFTConfig)
+        else:
+            cfg = load_config(args.config, _overrides(args))
     except ConfigError as e:
-        print(f"groupflow: {e}", file=sys.stderr)
+        hint = ""
+        if getattr(args, "task", None) in ("gsm8k", "dataset") and "data_path" in str(e):
+            hint = f"\n  --task {args.task} reads its prompts from a file: add rewards.task.data_path=PATH"
+        print(f"groupflow: {e}{hint}", file=sys.stderr)
         return 2
     if args.command == "config":
         from .config import describe, dump_config
         print("\n".join(describe()) if args.describe else dump_config(cfg).rstrip())
         return 0
     _env()
+    if args.command in ("eval", "prune"):
+        return _eval_or_prune(args, cfg)
     from .loop import train
 
     run_dir = _run_dir(args.run_dir)
     print(f"groupflow: run directory {run_dir.resolve()}", flush=True)
-    if args.command == "train":
+    if args.command in ("train", "sft"):
+        if args.command == "sft":
+            from .sft import sft as train
         summary = train(cfg, run_dir, progress=not args.no_progress)
         print(json.dumps(summary, indent=2))
         return 0
-    from .bench import train_report
-    report = train_report(cfg, run_dir)
+    from . import bench
+    if args.bench == "memory":
+        import ray
+        try:
+            report = bench.memory_report(cfg, run_dir, args.steps)
+        finally:
+            ray.shutdown()
+    else:
+        report = bench.train_report(cfg, run_dir)
     text = json.dumps(report, indent=2)
     print(text)
     if args.json:
+        Path(args.json).write_text(text + "\n")
+    return 0
+
+
+def _eval_or_prune(args, cfg: Config) -> int:
+    if args.command == "eval":
+        ckpt = Path(args.checkpoint)
+        if not (ckpt / "config.json").is_file():
+            print(f"groupflow: --checkpoint {ckpt}: not a HF checkpoint directory (no config.json)", file=sys.stderr)
+            return 2
+        from .evaluate import evaluate_checkpoint
+        report = evaluate_checkpoint(cfg, str(ckpt), args.split, args.samples)
+    else:
+        if not 0.0 <= args.low <= args.high <= 1.0:
+            print(f"groupflow: the band needs 0 <= --low <= --high <= 1, got {args.low}, {args.high}", file=sys.stderr)
+            return 2
+        from .prepare import prepare_model
+        from .prune import prune
+        out = Path(args.out)
+        model = prepare_model(cfg.model, out, cfg.trainer.seed)  # smollm2: the converted checkpoint
+        report = prune(cfg, str(model), out, args.samples, args.low, args.high, args.limit,
+                       args.inclusive_low, args.inclusive_high, args.chunk, progress=not args.no_progress)
+    text = json.dumps(report, indent=2)
+    print(text)
+    if getattr(args, "json", None):
         Path(args.json).write_text(text + "\n")
     return 0
 

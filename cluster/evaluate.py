@@ -1,0 +1,122 @@
+"""Evaluation: pass@1 and pass@k of what the engines hold, on a task's prompts, scored by the reward pool.
+
+`eval_metrics` runs on engines and a pool that already exist (the training loop calls it every
+trainer.eval_every steps); `evaluate_checkpoint` is `groupflow eval`: it starts Ray, engines on a
+checkpoint and a reward pool, evaluates one split and stops everything it started.
+"""
+from __future__ import annotations
+
+import math
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+from ray.util.placement_group import remove_placement_group
+
+from rewards.tasks import make_task
+
+from . import phases
+from .config import Config
+from .placement import create_engines, create_reward_pool, start_ray
+
+# A sample counts as solved when its reward reaches 1: the task scorers give exactly 1 for a correct
+# answer, and a summed reward (correctness plus shaping terms) reaches 1 only with the answer right.
+SOLVED_AT = 1.0 - 1e-6
+SPLITS = ("eval", "train")
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c are correct (Chen et al. 2021): 1 - C(n-c,k)/C(n,k),
+    as a product so large n does not overflow."""
+    if not (0 <= c <= n and 1 <= k <= n):
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:  # every k-subset holds a correct sample
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def solved_counts(engines: list, pool, rows: list[dict], samples: int, timeout_s: float,
+                  greedy: bool) -> tuple[list[int], pa.Table, dict]:
+    """Generate `samples` completions per row and score them: (solved count per row, the scored
+    rollouts, reward failure counts)."""
+    scored, failures = phases.score(pool, phases.generate(engines, rows, samples, timeout_s, greedy=greedy), rows)
+    counts = [0] * len(rows)
+    for g, r in zip(scored.column("group_id").to_pylist(), scored.column("reward").to_pylist()):
+        counts[g] += r >= SOLVED_AT
+    return counts, scored, failures
+
+
+def eval_metrics(engines: list, pool, rows: list[dict], samples: int, timeout_s: float,
+                 greedy_when_one: bool = True) -> dict:
+    """{"eval_pass@1", "eval_pass@K", "eval_prompts", "eval_samples", "eval_reward_mean",
+    "eval_reward_failures", "eval_time_s"} over `rows`, K = samples.
+
+    samples == 1 decodes greedily (unless greedy_when_one=False); K > 1 samples at
+    engines.temperature, so pass@1 is then the mean success rate of sampled completions.
+    """
+    if not rows or samples < 1:
+        raise ValueError(f"evaluation needs prompts and samples >= 1 (got {len(rows)} prompts, samples={samples})")
+    start = time.monotonic()
+    counts, scored, failures = solved_counts(engines, pool, rows, samples, timeout_s,
+                                             greedy=greedy_when_one and samples == 1)
+    out = {"eval_pass@1": sum(c / samples for c in counts) / len(rows)}
+    out[f"eval_pass@{samples}"] = sum(pass_at_k(samples, c, samples) for c in counts) / len(rows)
+    out.update({"eval_prompts": len(rows), "eval_samples": samples,
+                "eval_reward_mean": float(pc.mean(scored.column("reward")).as_py()),
+                "eval_reward_failures": int(sum(failures.values())),
+                "eval_time_s": time.monotonic() - start})
+    return out
+
+
+@contextmanager
+def serving(cfg: Config, model_path: str) -> Iterator[tuple[list, object]]:
+    """Engines on `model_path` and the configured reward pool; on exit every actor, placement group
+    and (if this started it) Ray itself is stopped, also after an error or Ctrl-C."""
+    owns_ray = not ray.is_initialized()
+    start_ray(cfg.run, cfg.engines.num_engines * cfg.engines.cpus_per_engine
+              + cfg.rewards.num_workers * cfg.rewards.cpus_per_worker)
+    engines, pool, pgs = [], None, []
+    try:
+        pool, pg = create_reward_pool(cfg)  # seconds; a broken reward fails before engines load
+        pgs.append(pg)
+        engines, pg = create_engines(cfg, model_path)
+        pgs.append(pg)
+        yield engines, pool
+    finally:
+        for a in engines:
+            ray.kill(a)
+        if pool is not None:
+            pool.shutdown()
+        for pg in pgs:
+            remove_placement_group(pg)
+        if owns_ray:
+            ray.shutdown()
+
+
+def split_rows(cfg: Config, model_path: str, split: str) -> list[dict]:
+    """"eval": the task's held-out prompts; "train": the first rewards.task.eval_size training rows."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    task = make_task(cfg.rewards.task, cfg.trainer.seed, tokenizer_path=model_path)
+    return task.eval_prompts() if split == "eval" else task.train_prompts(cfg.rewards.task.eval_size)
+
+
+def evaluate_checkpoint(cfg: Config, checkpoint: str, split: str = "eval", samples: int = 1) -> dict:
+    """`groupflow eval`: pass@1 and pass@samples of a HF checkpoint on one split of the configured task."""
+    started = time.monotonic()
+    checkpoint = str(Path(checkpoint).resolve())
+    rows = split_rows(cfg, checkpoint, split)
+    with serving(cfg, checkpoint) as (engines, pool):
+        ready = time.monotonic()
+        m = eval_metrics(engines, pool, rows, samples, cfg.run.timeout_s)
+    report = {"checkpoint": checkpoint, "task": cfg.rewards.task.name, "split": split, "prompts": m["eval_prompts"],
+              "samples": samples, "decoding": "greedy" if samples == 1 else f"temperature {cfg.engines.temperature}"}
+    report.update({k.removeprefix("eval_"): v for k, v in m.items()
+                   if k.startswith("eval_pass@") or k in ("eval_reward_mean", "eval_reward_failures")})
+    report.update({"max_new_tokens": cfg.engines.max_new_tokens, "time_startup_s": round(ready - started, 1),
+                   "time_eval_s": round(m["eval_time_s"], 1), "wall_time_s": round(time.monotonic() - started, 1)})
+    return report

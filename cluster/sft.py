@@ -1,0 +1,136 @@
+"""`groupflow sft`: supervised fine-tuning on reasoning traces (R1's cold start) with the same learner
+ranks, checkpoint format and metrics as `groupflow train`; its output is a valid `model.path`."""
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from learner.config import AlgorithmConfig, LearnerConfig
+
+from .config import ModelConfig, RunConfig, dump_config
+
+
+class SFTDataConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    path: Path = Field(..., description="a .jsonl/.parquet/.arrow file or an HF save_to_disk folder")
+    format: Literal["auto", "jsonl", "parquet", "arrow"] = "auto"
+    prompt_field: str = Field("prompt", description="the user turn (OpenThoughts-114k-math: problem)")
+    response_field: str = Field("response", description="the assistant turn to learn (OpenThoughts-114k-math: solution)")
+    system_prompt: Optional[str] = Field(None, description="a system turn before every prompt")
+    max_tokens: int = Field(1024, ge=8, description="prompt + response tokens; longer rows are dropped and counted")
+    on_malformed: Literal["error", "skip"] = "error"
+
+    @model_validator(mode="after")
+    def _exists(self):
+        if not self.path.exists():
+            raise ValueError(f"data.path: no such file or folder: {self.path}")
+        return self
+
+
+class SFTTrainerConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    epochs: int = Field(1, ge=1, description="passes over the data")
+    max_steps: Optional[int] = Field(None, ge=1, description="stop after this many steps")
+    batch_size: int = Field(8, ge=1, description="sequences per step over all ranks")
+    seed: int = 0
+    checkpoint_every: int = Field(0, ge=0, description="save every K steps (0: only at the end)")
+
+
+class SFTConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    run: RunConfig = Field(default_factory=RunConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: SFTDataConfig
+    trainer: SFTTrainerConfig = Field(default_factory=SFTTrainerConfig)
+    learner: LearnerConfig = Field(default_factory=lambda: LearnerConfig(lr=1e-5, minibatches=1))
+
+    @model_validator(mode="after")
+    def _shapes(self):
+        split = self.learner.num_ranks * self.learner.minibatches
+        if self.trainer.batch_size % split:
+            raise ValueError(f"trainer.batch_size={self.trainer.batch_size} must divide evenly into "
+                             f"learner.num_ranks * learner.minibatches = {split}")
+        return self
+
+
+def tokenize(cfg: SFTDataConfig, model_path: str) -> tuple[list[dict], dict]:
+    """Rows as (prompt ids with the chat template's generation prompt, response ids + end of turn)."""
+    from transformers import AutoTokenizer
+
+    from rewards.data import Fields, load_rows
+
+    rows, skipped = load_rows(cfg.path, cfg.format, Fields(prompt=cfg.prompt_field, answer=cfg.response_field),
+                              on_malformed=cfg.on_malformed)
+    tok = AutoTokenizer.from_pretrained(model_path)
+    out, skipped["too_long"] = [], 0
+    for r in rows:
+        messages = ([{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else [])
+        messages.append({"role": "user", "content": r["prompt"]})
+        prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        full = tok.apply_chat_template(messages + [{"role": "assistant", "content": str(r["answer"])}],
+                                       tokenize=False)
+        p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        f_ids = tok(full, add_special_tokens=False)["input_ids"]
+        if f_ids[: len(p_ids)] != p_ids:  # the template must extend the prompt; else split by text
+            f_ids = p_ids + tok(full[len(prompt):], add_special_tokens=False)["input_ids"]
+        if len(f_ids) > cfg.max_tokens:
+            skipped["too_long"] += 1
+            continue
+        out.append({"prompt_token_ids": p_ids, "completion_token_ids": f_ids[len(p_ids):]})
+    if not out:
+        raise ValueError(f"data.path {cfg.path}: no usable rows (skipped: {skipped})")
+    return out, skipped
+
+
+def sft(cfg: SFTConfig, run_dir: Path, progress: bool = True) -> dict:
+    from learner.group import LearnerGroup
+
+    from .metrics import RunLog
+    from .placement import start_ray
+    from .prepare import prepare_model
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    model_path = str(prepare_model(cfg.model, run_dir, cfg.trainer.seed))
+    rows, skipped = tokenize(cfg.data, model_path)
+    B, R = cfg.trainer.batch_size, cfg.learner.num_ranks
+    per_epoch = len(rows) // B
+    if per_epoch == 0:
+        raise ValueError(f"{len(rows)} usable rows are fewer than trainer.batch_size={B}")
+    steps = per_epoch * cfg.trainer.epochs
+    steps = min(steps, cfg.trainer.max_steps or steps)
+    start_ray(cfg.run, R * cfg.learner.cpus_per_rank)
+    learner = LearnerGroup(cfg.learner, AlgorithmConfig(), model_path, B // R, 1.0, 1, [{}] * R,
+                           cfg.run.timeout_s, mode="sft")
+    log = RunLog(run_dir, steps, progress, desc="sft", postfix={"loss": "loss", "tok_s": "tokens_per_s"})
+    started = time.monotonic()
+    try:
+        order: list[int] = []
+        for step in range(1, steps + 1):
+            if not order:
+                epoch = (step - 1) // per_epoch
+                order = list(range(len(rows)))
+                random.Random(cfg.trainer.seed * 1000 + epoch).shuffle(order)
+                order = order[: per_epoch * B]
+            batch, order = [rows[i] for i in order[:B]], order[B:]
+            t0 = time.monotonic()
+            shards = [{k: [r[k] for r in batch[i * B // R: (i + 1) * B // R]] for k in batch[0]} for i in range(R)]
+            stats = learner.sft_train(shards)
+            tokens = sum(len(r["completion_token_ids"]) for r in batch)
+            log.step({"step": step, **stats, "response_tokens": tokens, "time_step_s": time.monotonic() - t0,
+                      "tokens_per_s": tokens / max(time.monotonic() - t0, 1e-9)})
+            if cfg.trainer.checkpoint_every and step % cfg.trainer.checkpoint_every == 0 and step < steps:
+                learner.save(str(run_dir / "checkpoints" / f"step_{step:06d}"), {"step": step})
+        summary = {"run_dir": str(run_dir), "rows": len(rows), "skipped": skipped, "steps": steps,
+                   "checkpoint": learner.save(str(run_dir / "checkpoints" / "final"), {"step": steps}),
+                   "wall_time_s": time.monotonic() - started}
+        log.write_json("summary.json", summary)
+        return summary
+    finally:
+        log.close()
+        learner.shutdown()
+
