@@ -60,6 +60,7 @@ def memory_report(cfg: Config, run_dir: Path, steps: int = 3) -> dict:
     same model and the same batch, each in fresh learner processes, measured one after the other."""
     from transformers import AutoConfig
 
+    from learner.config import AlgorithmConfig
     from learner.group import LearnerGroup
 
     from . import phases
@@ -72,7 +73,9 @@ def memory_report(cfg: Config, run_dir: Path, steps: int = 3) -> dict:
     start_ray(cfg.run, R * cfg.learner.cpus_per_rank)
     results = {}
     for name in ("grpo", "ppo"):
-        algo = cfg.algorithm.model_copy(update={"name": name})
+        # validated, and only what both can run: outcome rewards, the name's own baseline
+        algo = AlgorithmConfig.model_validate({**cfg.algorithm.model_dump(), "name": name, "advantage": None,
+                                               "supervision": "outcome", "divergence": None})
         group = LearnerGroup(cfg.learner, algo, model_path, cfg.local_batch, cfg.engines.temperature,
                              cfg.engines.max_new_tokens, [{}] * R, cfg.run.timeout_s)
         try:

@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from actors.config import EngineConfig
-from learner.config import AlgorithmConfig, LearnerConfig
+from learner.config import AlgorithmConfig, LearnerConfig, check_batch_split
 from rewards.config import RewardsConfig
 
 SMOLLM2 = "smollm2"
@@ -89,16 +89,11 @@ class Config(BaseModel):
 
     @model_validator(mode="after")
     def _shapes(self):
-        batch = self.trainer.prompts_per_step * self.trainer.group_size
-        split = self.learner.num_ranks * self.learner.minibatches
-        if batch % split:
-            raise ValueError(f"trainer.prompts_per_step * trainer.group_size = {batch} must divide evenly "
-                             f"into learner.num_ranks * learner.minibatches = {split}")
-        per_mb = batch // split
-        micro = min(self.learner.micro_batch_size, per_mb)
-        if per_mb % micro:
-            raise ValueError(f"learner.micro_batch_size={micro} must divide the {per_mb} samples "
-                             "of one minibatch on one rank")
+        check_batch_split(self.learner, self.trainer.prompts_per_step * self.trainer.group_size,
+                          "trainer.prompts_per_step * trainer.group_size")
+        if self.algorithm.supervision == "process" and not any(c.name == "python" for c in self.rewards.components):
+            raise ValueError("algorithm.supervision=process needs a reward that returns per-step rewards: "
+                             "a `python` component in rewards.components (e.g. deploy/rewards/steps.py)")
         if self.sync_backend == "nccl" and "cpu" in (self.engines.device, self.learner.device):
             raise ValueError("sync.backend=nccl needs engines.device=cuda and learner.device=cuda")
         return self

@@ -27,6 +27,7 @@ from .placement import create_engines, create_reward_pool, start_ray
 # answer, and a summed reward (correctness plus shaping terms) reaches 1 only with the answer right.
 SOLVED_AT = 1.0 - 1e-6
 SPLITS = ("eval", "train")
+CORRECTNESS = ("math", "last_number", "code")  # reward components that judge the answer itself
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -44,10 +45,18 @@ def solved_counts(engines: list, pool, rows: list[dict], samples: int, timeout_s
     """Generate `samples` completions per row and score them: (solved count per row, the scored
     rollouts, reward failure counts)."""
     scored, failures = phases.score(pool, phases.generate(engines, rows, samples, timeout_s, greedy=greedy), rows)
-    counts = [0] * len(rows)
-    for g, r in zip(scored.column("group_id").to_pylist(), scored.column("reward").to_pylist()):
+    return count_solved(scored, len(rows)), scored, failures
+
+
+def count_solved(scored: pa.Table, groups: int) -> list[int]:
+    """Solved samples per group. Correctness, not the summed reward: with a format term a well-formatted
+    wrong answer must not count. One correctness component -> its own column; otherwise the total."""
+    judged = [f"reward_{k}" for k in CORRECTNESS if f"reward_{k}" in scored.column_names]
+    column = judged[0] if len(judged) == 1 else "reward"
+    counts = [0] * groups
+    for g, r in zip(scored.column("group_id").to_pylist(), scored.column(column).to_pylist()):
         counts[g] += r >= SOLVED_AT
-    return counts, scored, failures
+    return counts
 
 
 def eval_metrics(engines: list, pool, rows: list[dict], samples: int, timeout_s: float,

@@ -130,15 +130,22 @@ def with_advantages(batch: pa.Table, algo: AlgorithmConfig, kl_sums: list[float]
     if algo.supervision == "outcome":
         adv = ADVANTAGES[algo.baseline](rewards + shaping, groups, eps=algo.adv_eps)
         return batch.append_column("advantage", pa.array(adv.tolist(), pa.float32()))
-    if "step_rewards" not in batch.column_names:
-        raise ValueError("algorithm.supervision=process needs a reward that returns per-step rewards "
-                         "[(reward, end_token), ...] (a `python` reward component)")
-    step_rewards = [s or [] for s in batch.column("step_rewards").to_pylist()]
-    step_ends = [s or [] for s in batch.column("step_ends").to_pylist()]
+    # A batch where no sample returned steps (all scalars, or all failed): each reward is one step
+    # ending at the last token, the same rule the reward pool applies within a sample.
+    n = batch.num_rows
+    last = [max(0, int(L) - 1) for L in lengths]
+    if "step_rewards" in batch.column_names:
+        step_rewards = batch.column("step_rewards").to_pylist()
+        step_ends = batch.column("step_ends").to_pylist()
+    else:
+        step_rewards, step_ends = [None] * n, [None] * n
+    for i in range(n):
+        if not step_rewards[i]:
+            step_rewards[i], step_ends[i] = [float(rewards[i])], [last[i]]
     for i, s in enumerate(shaping.tolist()):
         if s:
             step_rewards[i] = step_rewards[i] + [s]
-            step_ends[i] = step_ends[i] + [max(0, int(lengths[i]) - 1)]
+            step_ends[i] = step_ends[i] + [last[i]]
     adv = process_advantages(step_rewards, step_ends, groups, max(1, int(lengths.max())), eps=algo.adv_eps)
     per_token = [adv[i, : int(lengths[i])].tolist() for i in range(len(lengths))]
     batch = batch.append_column("advantage", pa.array(adv[:, 0].tolist(), pa.float32()))

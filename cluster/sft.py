@@ -9,7 +9,7 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from learner.config import AlgorithmConfig, LearnerConfig
+from learner.config import AlgorithmConfig, LearnerConfig, check_batch_split
 
 from .config import ModelConfig, RunConfig, dump_config
 
@@ -46,14 +46,19 @@ class SFTConfig(BaseModel):
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: SFTDataConfig
     trainer: SFTTrainerConfig = Field(default_factory=SFTTrainerConfig)
-    learner: LearnerConfig = Field(default_factory=lambda: LearnerConfig(lr=1e-5, minibatches=1))
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_minibatch(cls, data):
+        # SFT has no rollout batch to split: one optimizer step per batch unless asked otherwise.
+        if isinstance(data, dict) and isinstance(data.get("learner", {}), dict):
+            data = {**data, "learner": {"minibatches": 1, **data.get("learner", {})}}
+        return data
 
     @model_validator(mode="after")
     def _shapes(self):
-        split = self.learner.num_ranks * self.learner.minibatches
-        if self.trainer.batch_size % split:
-            raise ValueError(f"trainer.batch_size={self.trainer.batch_size} must divide evenly into "
-                             f"learner.num_ranks * learner.minibatches = {split}")
+        check_batch_split(self.learner, self.trainer.batch_size, "trainer.batch_size")
         return self
 
 
@@ -75,7 +80,10 @@ def tokenize(cfg: SFTDataConfig, model_path: str) -> tuple[list[dict], dict]:
                                        tokenize=False)
         p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
         f_ids = tok(full, add_special_tokens=False)["input_ids"]
-        if f_ids[: len(p_ids)] != p_ids:  # the template must extend the prompt; else split by text
+        if f_ids[: len(p_ids)] != p_ids:  # tokens merged across the boundary: split by text instead
+            if not full.startswith(prompt):  # the template rewrites the history: no clean boundary
+                skipped["template_mismatch"] = skipped.get("template_mismatch", 0) + 1
+                continue
             f_ids = p_ids + tok(full[len(prompt):], add_special_tokens=False)["input_ids"]
         if len(f_ids) > cfg.max_tokens:
             skipped["too_long"] += 1

@@ -154,7 +154,12 @@ class LearnerActor:
         AutoTokenizer.from_pretrained(self.model_path).save_pretrained(tmp)
         if trainer_state is not None:
             (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
+        old = None
+        if out.exists():  # moved aside, not deleted first: a crash here never loses both copies
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, old)
         os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
         return str(out)

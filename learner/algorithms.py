@@ -124,23 +124,39 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
 
 AGGREGATIONS: dict[str, Callable[..., torch.Tensor]] = {}
 
+# Each aggregation is a sum over units (tokens or sequences) divided by how many there are. `denom`
+# overrides that count: with gradient accumulation and data parallelism the learner passes the
+# minibatch's global count / (micros x ranks), so the update equals one pass over the whole minibatch.
+
+
+def _nonempty(mask: torch.Tensor) -> torch.Tensor:
+    return (mask.sum(1) > 0).to(mask.dtype)
+
+
+def aggregation_units(name: str, mask: torch.Tensor) -> float:
+    """How many units `name` averages over in `mask`: tokens for token-mean, else sequences with a token."""
+    return float(mask.sum()) if name == "token-mean" else float(_nonempty(mask).sum())
+
 
 @register(AGGREGATIONS, "seq-mean-token-mean")
-def agg_seq_mean_token_mean(x: torch.Tensor, mask: torch.Tensor, norm_len: int) -> torch.Tensor:
-    """The GRPO paper's 1/G sum_i 1/|o_i| sum_t: every sequence weighs the same."""
-    return masked_mean(x, mask, dim=1).mean()
+def agg_seq_mean_token_mean(x: torch.Tensor, mask: torch.Tensor, norm_len: int, denom: float | None = None) -> torch.Tensor:
+    """The GRPO paper's 1/G sum_i 1/|o_i| sum_t: every sequence weighs the same (empty ones not counted)."""
+    total = masked_mean(x, mask, dim=1).sum()
+    return total / (denom if denom is not None else _nonempty(mask).sum().clamp(min=1.0))
 
 
 @register(AGGREGATIONS, "token-mean")
-def agg_token_mean(x: torch.Tensor, mask: torch.Tensor, norm_len: int) -> torch.Tensor:
+def agg_token_mean(x: torch.Tensor, mask: torch.Tensor, norm_len: int, denom: float | None = None) -> torch.Tensor:
     """DAPO: every token weighs the same, so long sequences count more."""
-    return masked_mean(x, mask)
+    total = (x * mask.to(x.dtype)).sum()
+    return total / (denom if denom is not None else mask.sum().clamp(min=1.0))
 
 
 @register(AGGREGATIONS, "seq-mean-token-sum-norm")
-def agg_seq_mean_token_sum_norm(x: torch.Tensor, mask: torch.Tensor, norm_len: int) -> torch.Tensor:
+def agg_seq_mean_token_sum_norm(x: torch.Tensor, mask: torch.Tensor, norm_len: int, denom: float | None = None) -> torch.Tensor:
     """Dr.GRPO: sum over tokens divided by a constant (the generation budget), mean over sequences."""
-    return ((x * mask.to(x.dtype)).sum(1) / norm_len).mean()
+    total = ((x * mask.to(x.dtype)).sum(1) / norm_len).sum()
+    return total / (denom if denom is not None else _nonempty(mask).sum().clamp(min=1.0))
 
 
 def grpo_loss(
@@ -162,6 +178,7 @@ def grpo_loss(
     entropy: torch.Tensor | None = None,
     entropy_coef: float = 0.0,
     divergence: torch.Tensor | None = None,
+    denom: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The GRPO objective of DeepSeekMath eq. 3, negated to a loss.
 
@@ -180,6 +197,8 @@ def grpo_loss(
     - is_weights [B, T] (truncated importance sampling, see tis_weights): multiply the policy-gradient
       term only, not the KL or entropy terms; detached here.
     - entropy [B, T] (differentiable, see `entropy`) with entropy_coef: a bonus -c_H * H_t per token.
+    - denom: the count of units (tokens or sequences, see aggregation_units) to divide by instead of
+      this batch's own; the learner passes the minibatch's global count / (micros x ranks).
     - divergence [B, T]: a precomputed per-token divergence (learner/divergences.py) that replaces the
       sampled KL estimator in the loss; stats["kl"] still reports the estimator when ref_logp is given.
     """
@@ -227,7 +246,7 @@ def grpo_loss(
             per_token = per_token - entropy_coef * entropy
     # The clipped branch is the one taken (strictly), so the token gets no surrogate gradient.
     clipped = (surr_clipped < surr).to(logp.dtype)
-    loss = AGGREGATIONS[aggregation](per_token, mask, norm_len or mask.size(1))
+    loss = AGGREGATIONS[aggregation](per_token, mask, norm_len or mask.size(1), denom)
     stats["clip_fraction"] = masked_mean(clipped, mask)
     stats["ratio_mean"] = masked_mean(ratio.detach(), mask)
     return loss, stats

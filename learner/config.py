@@ -25,6 +25,20 @@ class LearnerConfig(BaseModel):
     threads: int = Field(0, ge=0, description="CPU: torch threads per rank (0: cores / ranks)")
 
 
+def check_batch_split(cfg: LearnerConfig, batch: int, batch_key: str) -> None:
+    """A batch must split evenly into ranks x minibatches x micro-batches: DeepSpeed's accumulation
+    boundary then falls exactly at each minibatch's end."""
+    split = cfg.num_ranks * cfg.minibatches
+    if batch % split:
+        raise ValueError(f"{batch_key} = {batch} must divide evenly into learner.num_ranks * "
+                         f"learner.minibatches = {split}")
+    per_mb = batch // split
+    micro = min(cfg.micro_batch_size, per_mb)
+    if per_mb % micro:
+        raise ValueError(f"learner.micro_batch_size={micro} must divide the {per_mb} samples of one "
+                         "minibatch on one rank")
+
+
 class PPOConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     gamma: float = Field(1.0, ge=0, le=1, description="ppo: discount of GAE")

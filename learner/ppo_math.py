@@ -48,13 +48,18 @@ def gae(
     return adv, (adv + v) * mask
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """(x - mean) / sqrt(var + eps) over the real tokens (sample var, as TRL); padding stays 0."""
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8, reduce=None) -> torch.Tensor:
+    """(x - mean) / sqrt(var + eps) over the real tokens (sample var, as TRL); padding stays 0.
+
+    `reduce` sums [count, sum, sum of squares] over data-parallel ranks, so the statistics are the
+    whole batch's; without it they are this tensor's.
+    """
     mask = mask.to(x.dtype)
-    mean = masked_mean(x, mask)
-    n = mask.sum()
-    var = (((x - mean) * mask) ** 2).sum() / (n - 1).clamp(min=1.0)
-    return (x - mean) * torch.rsqrt(var + eps) * mask
+    stats = [float(mask.sum()), float((x * mask).sum()), float((x * x * mask).sum())]
+    n, total, squares = reduce(stats) if reduce is not None else stats
+    mean = total / max(n, 1.0)
+    var = max(squares - n * mean * mean, 0.0) / max(n - 1.0, 1.0)
+    return (x - mean) * (var + eps) ** -0.5 * mask
 
 
 def value_loss(

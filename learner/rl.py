@@ -8,8 +8,10 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 
-from .algorithms import KL_ESTIMATORS, entropy, entropy_from_logits, grpo_loss, masked_mean, tis_weights, token_logprobs
+from .algorithms import (KL_ESTIMATORS, aggregation_units, entropy, entropy_from_logits, grpo_loss, masked_mean,
+                         tis_weights, token_logprobs)
 from .batch import Micro, completion_logits, gather_positions, make_micro, stack_padded
 from .config import AlgorithmConfig
 from .divergences import exact_divergences, per_token_divergence
@@ -33,6 +35,14 @@ def micros(shard: dict, order: list[int], size: int, pad_id: int, device) -> lis
             for k in range(0, len(order), size)]
 
 
+def global_sum(values: list[float], device) -> list[float]:
+    """Sum over the learner ranks (DeepSpeed's default group); the values themselves with one rank."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
 def _mask(mb: Micro, prep: Prepared) -> torch.Tensor:
     keep = torch.tensor([prep.keep[i] for i in mb.rows], device=mb.comp_mask.device)
     return mb.comp_mask * keep[:, None]
@@ -54,14 +64,17 @@ def prepare(engines: dict, shard: dict, algo: AlgorithmConfig, temperature: floa
         kl = KL_ESTIMATORS[algo.kl_estimator](old, ref) * mb.comp_mask
         w = float(mb.comp_mask.sum())
         tokens += w
-        sums["entropy"] += float(masked_mean(entropy_from_logits(sel), mb.comp_mask)) * w
+        real = mb.comp_mask.bool()  # padding is often half of [B, C]: skip its vocabulary-wide work
+        sel, ref_sel = sel[real][None], ref_sel[real][None]
+        ones = torch.ones(sel.shape[:2], device=device)
+        sums["entropy"] += float(masked_mean(entropy_from_logits(sel), ones)) * w
         for name, estimator in KL_ESTIMATORS.items():  # every sampled estimator, whichever is in the loss
             sums[f"kl_{name}"] += float(masked_mean(estimator(old, ref), mb.comp_mask)) * w
         if algo.log_divergences:
-            for k, v in exact_divergences(sel, ref_sel, mb.comp_mask, algo.divergence_chunk).items():
+            for k, v in exact_divergences(sel, ref_sel, ones, algo.divergence_chunk).items():
                 sums[k] += float(v) * w
-        values = gather_positions(engines["critic"](mb.input_ids, mb.attention), mb) if "critic" in engines else None
         del sel, ref_sel
+        values = gather_positions(engines["critic"](mb.input_ids, mb.attention), mb) if "critic" in engines else None
         for j, i in enumerate(mb.rows):
             c = len(shard["completion_token_ids"][i])
             prep.old[i], prep.ref[i] = old[j, :c].float(), ref[j, :c].float()
@@ -90,8 +103,8 @@ def ppo_advantages(prep: Prepared, shard: dict, algo: AlgorithmConfig, device) -
     token_rewards = kl_shaped_rewards(outcome, kl, mask, beta)
     values = stack_padded([prep.values[i] for i in rows], width)
     adv, returns = gae(token_rewards, values, mask, algo.ppo.gamma, algo.ppo.lam)
-    if algo.ppo.whiten_advantages:
-        adv = masked_whiten(adv, mask)
+    if algo.ppo.whiten_advantages:  # over the whole batch: statistics summed over the ranks
+        adv = masked_whiten(adv, mask, reduce=lambda stats: global_sum(stats, device))
     return ({i: adv[i, : prep.old[i].numel()] for i in rows},
             {i: returns[i, : prep.old[i].numel()] for i in rows})
 
@@ -117,11 +130,19 @@ def train(engines: dict, shard: dict, prep: Prepared, algo: AlgorithmConfig, epo
     count = 0
     per_mb = n // minibatches
     g = torch.Generator().manual_seed(int(shard.get("seed", 0)))
-    policy.train()
+    for engine in (policy, critic):
+        if engine is not None:
+            engine.train()
+    world = dist.get_world_size() if dist.is_initialized() else 1
     for _ in range(epochs):
         perm = torch.randperm(n, generator=g).tolist()
         for k in range(minibatches):
-            for mb in micros(shard, perm[k * per_mb: (k + 1) * per_mb], size, pad_id, device):
+            batch = micros(shard, perm[k * per_mb: (k + 1) * per_mb], size, pad_id, device)
+            # One optimizer step per minibatch: DeepSpeed averages the micro losses over the
+            # accumulation steps and the ranks, so each divides by the global count / (micros x ranks).
+            units = global_sum([sum(aggregation_units(algo.aggregation, _mask(mb, prep)) for mb in batch)], device)[0]
+            denom = max(units, 1.0) / (len(batch) * world)
+            for mb in batch:
                 C = mb.comp_ids.size(1)
                 mask = _mask(mb, prep)
                 old_lp = stack_padded([prep.old[i] for i in mb.rows], C)
@@ -142,7 +163,8 @@ def train(engines: dict, shard: dict, prep: Prepared, algo: AlgorithmConfig, epo
                     logp, old_lp, ref_lp, _advantages(mb, shard, token_adv, C, device), mask, algo.clip_eps, beta,
                     algo.kl_estimator, algo.clip_eps_high, algo.aggregation, norm_len, dual_clip=algo.dual_clip,
                     ratio_level=algo.ratio_level, is_weights=isw,
-                    entropy=ent if algo.entropy_coef else None, entropy_coef=algo.entropy_coef, divergence=div)
+                    entropy=ent if algo.entropy_coef else None, entropy_coef=algo.entropy_coef, divergence=div,
+                    denom=denom)
                 policy.backward(loss)
                 policy.step()  # DeepSpeed steps the optimizer at the accumulation boundary
                 sums["loss"] += loss.item()
@@ -170,10 +192,14 @@ def sft_train(policy, shard: dict, minibatches: int, size: int, pad_id: int, dev
     per_mb = n // minibatches
     policy.train()
     total, count = 0.0, 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
     for k in range(minibatches):
-        for mb in micros(shard, list(range(k * per_mb, (k + 1) * per_mb)), size, pad_id, device):
+        batch = micros(shard, list(range(k * per_mb, (k + 1) * per_mb)), size, pad_id, device)
+        tokens = global_sum([sum(float(mb.comp_mask.sum()) for mb in batch)], device)[0]
+        denom = max(tokens, 1.0) / (len(batch) * world)  # every response token of the minibatch weighs the same
+        for mb in batch:
             logp = token_logprobs(completion_logits(policy, mb), mb.comp_ids)
-            loss = -masked_mean(logp, mb.comp_mask)
+            loss = -(logp * mb.comp_mask).sum() / denom
             policy.backward(loss)
             policy.step()
             total, count = total + loss.item(), count + 1

@@ -262,3 +262,25 @@ def test_tis_weights_and_overlong_penalty_by_hand():
     # max_len 10, buffer 4, factor 2: free up to 6; inside (6, 10]: (6 - L) / 4 * 2; beyond 10: -2
     pen = overlong_penalty(torch.tensor([3, 6, 7, 8, 10, 12]), max_len=10, buffer=4, factor=2.0)
     torch.testing.assert_close(pen, torch.tensor([0.0, 0.0, -0.5, -1.0, -2.0, -2.0]))
+
+
+def test_aggregations_over_micro_batches_equal_one_pass_over_the_minibatch():
+    """Gradient accumulation: micro losses with denom = units / micros, averaged (as DeepSpeed does),
+    give the full minibatch's loss and gradient for every aggregation, empty rows included."""
+    from learner.algorithms import AGGREGATIONS, aggregation_units
+    torch.manual_seed(0)
+    x = torch.randn(4, 5)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]], dtype=torch.float32)
+    for name, agg in AGGREGATIONS.items():
+        full_x = x.clone().requires_grad_()
+        full = agg(full_x, mask, 5)
+        full.backward()
+        parts_x = x.clone().requires_grad_()
+        denom = aggregation_units(name, mask) / 2  # two micro-batches
+        loss = sum(agg(parts_x[k:k + 2], mask[k:k + 2], 5, denom) for k in (0, 2)) / 2
+        loss.backward()
+        torch.testing.assert_close(loss, full, msg=name)
+        torch.testing.assert_close(parts_x.grad, full_x.grad, msg=name)
+        # and the hand-worked token-mean: 9 real tokens, each weighs 1/9
+        if name == "token-mean":
+            torch.testing.assert_close(full_x.grad, mask / 9)

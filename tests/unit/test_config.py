@@ -85,3 +85,27 @@ def test_config_reference_documents_every_algorithm_option(capsys):
     assert "algorithm.loss_aggregation = None  # GRPO paper / DAPO / Dr.GRPO" in out
     assert "algorithm.ppo.lam = 0.95  # ppo: lambda of GAE" in out
     assert "trainer.steps = 12" in out
+
+
+def test_process_supervision_needs_a_step_reward():
+    with pytest.raises(ConfigError, match="supervision=process needs a reward"):
+        load_config(None, ["algorithm.supervision=process"])
+    cfg = load_config(None, ["algorithm.supervision=process",
+                             "rewards.components=[{name: python, options: {function: deploy/rewards/steps.py:line_steps}}]"])
+    assert cfg.rewards.components[0].options["function"].startswith("/")  # resolved for the workers
+
+
+def test_sft_batch_must_split_into_micro_batches(tmp_path):
+    from cluster.sft import SFTConfig
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "a", "response": "b"}\n')
+    cfg = load_config(None, [f"data.path={data}", "learner.lr=1e-4"], SFTConfig)
+    assert cfg.learner.minibatches == 1  # a partial learner section keeps SFT's one step per batch
+    with pytest.raises(ConfigError, match="micro_batch_size=16 must divide the 24"):
+        load_config(None, [f"data.path={data}", "trainer.batch_size=24"], SFTConfig)
+
+
+def test_shipped_sft_config_validates():
+    from cluster.sft import SFTConfig
+    cfg = load_config(ROOT / "deploy/configs/sft.yaml", [], SFTConfig)
+    assert cfg.data.prompt_field == "question" and cfg.learner.minibatches == 1

@@ -71,3 +71,14 @@ def test_kept_rows_read_back_as_the_same_prompts(tmp_path):
     both = again.train_prompts() + again.eval_prompts()
     assert [b["messages"] for b in both] == [r["messages"] for r in rows]
     assert [b["answer"] for b in both] == [r["answer"] for r in rows]
+
+
+def test_solved_means_correct_not_a_high_summed_reward():
+    import pyarrow as pa
+
+    from cluster.evaluate import count_solved
+    # sample 0: right answer, no format (1 + 0); sample 1: wrong answer, good format (0 + 1)
+    scored = pa.table({"group_id": [0, 0], "reward": [1.0, 1.0], "reward_math": [1.0, 0.0],
+                       "reward_format": [0.0, 1.0]})
+    assert count_solved(scored, 1) == [1]
+    assert count_solved(scored.drop_columns(["reward_math"]), 1) == [2]  # no correctness column: the total

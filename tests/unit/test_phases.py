@@ -1,6 +1,5 @@
 """Driver-side shaping and advantages (cluster/phases.py) on hand-made rollout tables."""
 import pyarrow as pa
-import pytest
 import torch
 
 from cluster import phases
@@ -52,9 +51,12 @@ def test_process_supervision_gives_per_token_advantages():
     assert len(shards[0]["advantage_tokens"][0]) == 3
 
 
-def test_process_supervision_without_step_rewards_names_the_cause():
-    with pytest.raises(ValueError, match="per-step rewards"):
-        phases.with_advantages(table([1.0, 0.0], [2, 2], [0, 0]), AlgorithmConfig(supervision="process"), [0, 0], 8)
+def test_process_supervision_of_a_batch_without_steps_uses_each_reward_as_one_final_step():
+    # rewards [1, 0] as steps ending at the last token: normalized +-0.7071 (mean 0.5, std 0.7071),
+    # and every token of a sample sees its one step
+    out = phases.with_advantages(table([1.0, 0.0], [2, 2], [0, 0]), AlgorithmConfig(supervision="process"), [0, 0], 8)
+    a, b = out.column("advantage_tokens").to_pylist()
+    torch.testing.assert_close(torch.tensor([a, b]), torch.tensor([[0.7071] * 2, [-0.7071] * 2]), atol=1e-4, rtol=0)
 
 
 def test_ppo_leaves_advantages_to_the_learner():

@@ -64,3 +64,20 @@ def test_value_loss_clipping_by_hand():
     # unclipped: 0.5 * (0.25 + 0.81 + 0 + 0.04) / 4 = 0.1375
     loss, stats = value_loss(values, old, ret, mask, clip_eps=None)
     assert abs(loss.item() - 0.1375) < 1e-6 and stats["value_clip_fraction"].item() == 0.0
+
+
+def test_whitening_split_over_ranks_equals_whitening_the_batch():
+    """Two ranks each whiten their shard with statistics summed over both: the batch's result."""
+    torch.manual_seed(1)
+    x = torch.randn(4, 6)
+    mask = (torch.rand(4, 6) > 0.3).float()
+    whole = masked_whiten(x, mask)
+    halves = [(x[:2], mask[:2]), (x[2:], mask[2:])]
+
+    def stats(t, m):
+        return [float(m.sum()), float((t * m).sum()), float((t * t * m).sum())]
+
+    summed = [a + b for a, b in zip(stats(*halves[0]), stats(*halves[1]))]
+    parts = torch.cat([masked_whiten(t, m, reduce=lambda _: summed) for t, m in halves])
+    torch.testing.assert_close(parts, whole)
+    assert abs(float((whole * mask).sum())) < 1e-4  # zero mean over real tokens
