@@ -135,7 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("train", "sft"):
         if args.command == "sft":
             from .sft import sft as train
-        summary = train(cfg, run_dir, progress=not args.no_progress)
+        try:
+            summary = train(cfg, run_dir, progress=not args.no_progress)
+        except ConfigError as e:  # found only when the run starts (e.g. a resume on other data)
+            print(f"groupflow: {e}", file=sys.stderr)
+            return 2
         print(json.dumps(summary, indent=2))
         return 0
     from . import bench

@@ -7,6 +7,7 @@ once: any error names the key and stops the run before a single actor starts.
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -59,6 +60,25 @@ class TrainerConfig(BaseModel):
     eval_every: int = Field(0, ge=0, description="also evaluate every K steps, logged as eval_* metrics (0: off)")
     eval_samples: int = Field(1, ge=1, description="samples per held-out prompt: 1 greedy, K > 1 pass@1 and pass@K at temperature")
     save_rollouts: bool = Field(True, description="a parquet file of the rollouts per step")
+    resume_from: Optional[Path] = Field(
+        None, description="a checkpoint dir of an earlier run: continue at its step with its weights and data "
+        "cursor, the same reference model; optimizer moments start afresh")
+
+    @model_validator(mode="after")
+    def _resumable(self):
+        if self.resume_from is None:
+            return self
+        state_file = Path(self.resume_from) / "trainer_state.json"
+        if not state_file.is_file():
+            raise ValueError(f"trainer.resume_from: no trainer_state.json in {self.resume_from} "
+                             "(point it at a run's checkpoints/step_N or checkpoints/final)")
+        state = json.loads(state_file.read_text())
+        if int(state["step"]) >= self.steps:
+            raise ValueError(f"trainer.resume_from: {self.resume_from} is at step {state['step']}; "
+                             f"trainer.steps={self.steps} leaves nothing to train")
+        if not (Path(state.get("reference_model", self.resume_from)) / "config.json").is_file():
+            raise ValueError(f"trainer.resume_from: its reference model {state.get('reference_model')} is gone")
+        return self
 
 
 class SyncConfig(BaseModel):
@@ -86,6 +106,14 @@ class Config(BaseModel):
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
     algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
     sync: SyncConfig = Field(default_factory=SyncConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _algorithm_shorthand(cls, data):
+        # `algorithm: ppo` (or algorithm=ppo on the command line) means `algorithm: {name: ppo}`
+        if isinstance(data, dict) and isinstance(data.get("algorithm"), str):
+            data = {**data, "algorithm": {"name": data["algorithm"]}}
+        return data
 
     @model_validator(mode="after")
     def _shapes(self):

@@ -120,7 +120,7 @@ def create_reward_pool(cfg: Config) -> tuple[RewardPool, object]:
     return pool, pg
 
 
-def create_roles(cfg: Config, model_path: str) -> Roles:
+def create_roles(cfg: Config, model_path: str, ref_path: str | None = None) -> Roles:
     # All groups reserved first, then every actor launched, so engines and learner start together.
     lc, t = cfg.learner, cfg.run.timeout_s
     eng_pg, eng_opts = _reserve("groupflow-engines", _engine_bundles(cfg), t)
@@ -132,9 +132,10 @@ def create_roles(cfg: Config, model_path: str) -> Roles:
     e = cfg.engines
     engines = _launch_engines(cfg, model_path, eng_opts)
     learner = LearnerGroup(lc, cfg.algorithm, model_path, cfg.local_batch, e.temperature,
-                           e.max_new_tokens, lrn_opts, t)
+                           e.max_new_tokens, lrn_opts, t, ref_path=ref_path)
     rewards = RewardPool(cfg.rewards, rwd_opts, DEFAULT_REWARD[cfg.rewards.task.name])
     _wait_engines(engines, t)
+    rewards.ready(t)  # a reward that cannot be built stops the run now, not at the first batch
     sync = WeightSync(learner, engines, cfg.sync_backend, e.dtype, e.tensor_parallel_size,
                       cfg.sync.bucket_mb, cfg.sync.timeout_s)
     return Roles(engines, rewards, learner, sync, [eng_pg, lrn_pg, rwd_pg])

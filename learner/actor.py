@@ -26,12 +26,14 @@ log = logging.getLogger("groupflow.learner")
 @ray.remote
 class LearnerActor:
     def __init__(self, cfg: LearnerConfig, algo: AlgorithmConfig, model_path: str, rank: int,
-                 world_size: int, local_batch: int, temperature: float, max_new_tokens: int):
+                 world_size: int, local_batch: int, temperature: float, max_new_tokens: int,
+                 ref_path: str | None = None):
         logging.basicConfig(level=logging.INFO, format=f"[learner {rank}] %(message)s")
         self.cfg, self.algo, self.rank, self.world_size = cfg, algo, rank, world_size
         self.model_path, self.local_batch, self.temperature = model_path, local_batch, temperature
         self.max_new_tokens = max_new_tokens  # the constant of Dr.GRPO's token-sum normalization
         self.micro = micro_size(cfg, local_batch)
+        self.ref_path = ref_path or model_path  # a resumed run keeps the original model as pi_ref
         self._prep = None
 
     def address(self) -> tuple[str, int]:
@@ -63,7 +65,7 @@ class LearnerActor:
         start = time.monotonic()
         self.engines = build_engines(cfg, self.model_path, self.world_size, self.local_batch,
                                      with_ref=mode == "rl", with_critic=mode == "rl" and self.algo.name == "ppo",
-                                     critic_lr=self.algo.ppo.critic_lr)
+                                     critic_lr=self.algo.ppo.critic_lr, ref_path=self.ref_path)
         self.engine = self.engines["policy"]
         self._transport = None
         log.info("%s up in %.1fs (ZeRO-%d, %s)", "+".join(self.engines), time.monotonic() - start,

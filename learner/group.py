@@ -17,13 +17,13 @@ def _get(refs, timeout_s: float, what: str):
 class LearnerGroup:
     def __init__(self, cfg: LearnerConfig, algo: AlgorithmConfig, model_path: str, local_batch: int,
                  temperature: float, max_new_tokens: int, actor_options: list[dict], timeout_s: float,
-                 mode: str = "rl"):
+                 mode: str = "rl", ref_path: str | None = None):
         self.cfg, self.timeout_s = cfg, timeout_s
         n = cfg.num_ranks
         self.ranks = [
             LearnerActor.options(num_cpus=cfg.cpus_per_rank, num_gpus=1 if cfg.device == "cuda" else 0,
                                  **opts).remote(cfg, algo, model_path, r, n, local_batch, temperature,
-                                                                      max_new_tokens)
+                                                max_new_tokens, ref_path)
             for r, opts in enumerate(actor_options)
         ]
         master, port = _get(self.ranks[0].address.remote(), timeout_s, "reporting rank 0's address")

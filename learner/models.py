@@ -67,7 +67,7 @@ class ValueModel(torch.nn.Module):
 
 
 def build_engines(cfg: LearnerConfig, model_path: str, world_size: int, local_batch: int,
-                  with_ref: bool, with_critic: bool, critic_lr: float) -> dict:
+                  with_ref: bool, with_critic: bool, critic_lr: float, ref_path: str | None = None) -> dict:
     """DeepSpeed engines on this rank; every rank calls this at once (ZeRO-3 partitions collectively)."""
     import deepspeed
     from transformers import AutoModelForCausalLM
@@ -83,7 +83,7 @@ def build_engines(cfg: LearnerConfig, model_path: str, world_size: int, local_ba
         policy.gradient_checkpointing_enable()
     engines = {"policy": train_engine(policy, cfg.lr)}
     if with_ref:
-        ref = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+        ref = AutoModelForCausalLM.from_pretrained(ref_path or model_path, dtype=torch.float32).eval()
         ref.requires_grad_(False)
         engines["ref"], *_ = deepspeed.initialize(model=ref, config=ds_config(cfg, world_size, local_batch, train=False))
     if with_critic:

@@ -47,6 +47,12 @@ def test_smoke_run_writes_metrics_rollouts_and_checkpoint(smoke):
         assert col in table.column_names
     summary = json.loads((run_dir / "summary.json").read_text())
     assert 0.0 <= summary["eval_accuracy_start"] <= 1.0 and "eval_accuracy_end" in summary
+    # eval_every=2: held-out pass@1 in the metrics of step 2 only
+    assert 0.0 <= rows[1]["eval_pass@1"] <= 1.0 and rows[1]["eval_prompts"] == 16
+    assert "eval_pass@1" not in rows[0] and "eval_pass@1" not in rows[2]
+    # the data cursor is part of every checkpoint
+    state = json.loads((run_dir / "checkpoints" / "step_000002" / "trainer_state.json").read_text())
+    assert state["step"] == 2 and state["data"]["cursor"] == 16 and state["data"]["data"]["rows"] > 0
 
     from transformers import AutoModelForCausalLM
     ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
@@ -87,3 +93,23 @@ def test_weight_sync_is_real_and_its_absence_shows(smoke, tmp_path):
     assert stale_diffs[0] < SYNC_TOL, stale_diffs  # same initial weights on both sides
     # The learner moved on and the engines did not: every later step is far off.
     assert all(d > 10 * SYNC_TOL for d in stale_diffs[1:]), stale_diffs
+
+
+def test_resume_continues_with_the_same_prompts_and_reference(smoke, tmp_path):
+    run_dir, _ = smoke
+    ckpt = run_dir / "checkpoints" / "step_000002"
+    resumed = tmp_path / "resumed"
+    rows = train_smoke(resumed, f"trainer.resume_from={ckpt}", "trainer.eval=false", "trainer.eval_every=0")
+    assert [r["step"] for r in rows] == [3]  # steps 1-2 were done
+    assert rows[0]["logprob_abs_diff_mean"] < SYNC_TOL  # engines hold the checkpoint's weights
+    original = pq.read_table(run_dir / "rollouts" / "step_000003.parquet").column("prompt_id").to_pylist()
+    again = pq.read_table(resumed / "rollouts" / "step_000003.parquet").column("prompt_id").to_pylist()
+    assert again == original  # the data cursor carried over
+    state = json.loads((resumed / "checkpoints" / "final" / "trainer_state.json").read_text())
+    assert state["reference_model"] == str(run_dir / "initial_model")
+
+    # a cursor taken with another seed is refused before anything starts
+    proc = subprocess.run([sys.executable, "-m", "cluster.cli", "train", "--config", "deploy/configs/smoke.yaml",
+                           "--run-dir", str(tmp_path / "bad"), f"trainer.resume_from={ckpt}", "trainer.seed=5"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "trainer.resume_from" in proc.stderr, proc.stderr[-2000:]

@@ -109,3 +109,10 @@ def test_shipped_sft_config_validates():
     from cluster.sft import SFTConfig
     cfg = load_config(ROOT / "deploy/configs/sft.yaml", [], SFTConfig)
     assert cfg.data.prompt_field == "question" and cfg.learner.minibatches == 1
+
+
+def test_algorithm_shorthand():
+    assert load_config(None, ["algorithm=ppo"]).algorithm.name == "ppo"
+    assert load_config(None, ["algorithm=dr_grpo"]).algorithm.aggregation == "seq-mean-token-sum-norm"
+    with pytest.raises(ConfigError, match="algorithm.name"):
+        load_config(None, ["algorithm=dpo"])
