@@ -76,7 +76,7 @@ def eval_metrics(engines: list, pool, rows: list[dict], samples: int, timeout_s:
     out[f"eval_pass@{samples}"] = sum(pass_at_k(samples, c, samples) for c in counts) / len(rows)
     out.update({"eval_prompts": len(rows), "eval_samples": samples,
                 "eval_reward_mean": float(pc.mean(scored.column("reward")).as_py()),
-                "eval_reward_failures": int(sum(failures.values())),
+                "eval_reward_failures": phases.failed_samples(failures),
                 "eval_time_s": time.monotonic() - start})
     return out
 

@@ -56,7 +56,13 @@ def score(pool, rollouts: pa.Table, rows: list[dict]) -> tuple[pa.Table, dict]:
                                                              pa.list_(pa.float32())))
         table = table.append_column("step_ends", pa.array([[int(e) for _, e in s] for s in steps],
                                                           pa.list_(pa.int32())))
-    return table, dict(out["failures"])
+    # worker_replaced counts actors, not samples: summed failure totals leave it out
+    return table, {**out["failures"], "worker_replaced": out["workers_replaced"]}
+
+
+def failed_samples(failures: dict) -> int:
+    """Samples whose reward failed, by any kind; `worker_replaced` counts actors and is left out."""
+    return sum(v for k, v in failures.items() if k != "worker_replaced")
 
 
 def _group_rewards(batch: pa.Table) -> dict[int, list[float]]:
@@ -105,7 +111,7 @@ def collect(engines: list, pool, task, prompts: int, group_size: int, algo: Algo
         batch = batch.set_column(batch.schema.get_field_index("group_id"), "group_id",
                                  pa.array([renumber[g] for g in batch.column("group_id").to_pylist()], pa.int32()))
         batch = batch.sort_by("group_id")
-    stats["reward_failures"] = sum(failures.values())
+    stats["reward_failures"] = failed_samples(failures)
     stats.update({f"reward_failures_{k}": v for k, v in failures.items()})
     return batch, stats
 

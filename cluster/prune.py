@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 from rewards.config import TaskConfig
 from rewards.tasks import make_task
 
+from . import phases
 from .config import Config
 from .evaluate import serving, solved_counts
 
@@ -89,7 +90,7 @@ def prune(cfg: Config, model_path: str, out: Path, samples: int, low: float = 0.
                 part = rows[a:a + chunk]
                 solved, _, fails = solved_counts(engines, pool, part, samples, cfg.run.timeout_s, greedy=False)
                 counts += solved
-                failures += sum(fails.values())
+                failures += phases.failed_samples(fails)
                 if bar is not None:  # postfix first: update() redraws the bar with it
                     bar.set_postfix({"pass": f"{sum(counts) / (samples * len(counts)):.3f}"}, refresh=False)
                     bar.update(len(part))

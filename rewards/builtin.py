@@ -2,7 +2,8 @@
 
 REWARD_FUNCTIONS maps a name to a factory: factory(options) -> score(prompt, completion, metadata),
 returning a float, or a list of (reward, end_token_index) pairs for per-step rewards.
-BATCH_REWARD_FUNCTIONS does the same for scorers that take a whole batch: score_batch(samples).
+BATCH_REWARD_FUNCTIONS does the same for scorers that take a whole batch: score_batch(samples,
+deadline=None), deadline a time.monotonic() value the call must finish by.
 The factories are classes defined at module level, so a worker process can import this module and
 build its own scorers from plain option dicts. metadata carries "answer" (gold, may be None), "id",
 "completion_token_ids", and "tests" for code tasks.
@@ -23,8 +24,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Callable
 
+from .numbers import last_number, numbers_equal, parse_number
 from .sandbox import SandboxLimits, run_sandboxed
-from .tasks import last_number, numbers_equal, parse_number
 
 log = logging.getLogger("groupflow.rewards")
 
@@ -41,7 +42,10 @@ def _take(options: dict | None, name: str, allowed: dict) -> dict:
 
 # ---------------------------------------------------------------- math
 
-_ANSWER_IS = re.compile(r"answer\s+is\s*[:=]?\s*\$?\s*(-?[\d,]*\.?\d+)", re.IGNORECASE)
+# "The answer is 18." / "answer is: \$1,000!": the number must end the sentence or line, so
+# "The answer is 5 + 13 = 18." does not read as 5 (nor "18.5" as 18).
+_ANSWER_IS = re.compile(r"answer\s+is\s*[:=]?\s*(?:\\?\$)?\s*(-?[\d,]*\.?\d+)(?![\d,]|\.\d)"
+                        r"\$?\s*(?:[.!]|$)", re.IGNORECASE | re.MULTILINE)
 
 
 def gold_text(answer: Any) -> str | None:
@@ -158,25 +162,37 @@ def normalize_output(text: str) -> list[str]:
 
 class CodeReward:
     """Runs the completion's program in the sandbox on each test's stdin; the reward is the fraction
-    of tests whose stdout matches (or 1/0 with all_or_nothing). Options: all_or_nothing, plus any
+    of tests whose stdout matches (or 1/0 with all_or_nothing). Options: all_or_nothing, total_s (all
+    tests together; a test that does not fit fails; keep it below rewards.sample_timeout_s), plus any
     SandboxLimits field (cpu_s, wall_s, memory_mb, nprocs, file_mb, output_kb, allow_unisolated...)."""
 
     def __init__(self, options: dict | None = None):
         fields = {f.name: f.default for f in dataclasses.fields(SandboxLimits)}
-        opts = _take(options, "code", {"all_or_nothing": False, **fields})
+        opts = _take(options, "code", {"all_or_nothing": False, "total_s": 8.0, **fields})
         self.all_or_nothing = bool(opts.pop("all_or_nothing"))
+        self.total_s = float(opts.pop("total_s"))
         if opts.get("ro_binds") is not None:
             opts["ro_binds"] = tuple(opts["ro_binds"])
         self.limits = SandboxLimits(**opts)
+        # Now, so a sandbox that cannot work here (not root) stops the run at start with its reason
+        # instead of failing every sample as "raised".
+        probe = run_sandboxed("pass", "", dataclasses.replace(self.limits, wall_s=max(self.limits.wall_s, 10.0)))
+        if not probe.ok:
+            raise RuntimeError(f"code reward: the sandbox cannot run an empty program with these limits "
+                               f"({self.limits}): exit {probe.returncode}, {probe.stderr[-500:]!r}")
 
     def __call__(self, prompt: str, completion: str, metadata: dict) -> float:
         tests = metadata.get("tests")
         if not tests:
             raise ValueError(f"code reward: sample {metadata.get('id')!r} has no metadata['tests']")
         program = extract_code(completion)
-        passed = 0
+        passed, end = 0, time.monotonic() + self.total_s
         for test in tests:
-            result = run_sandboxed(program, str(test.get("input", "")), self.limits)
+            remaining = end - time.monotonic()
+            if remaining <= 0:
+                break  # the rest fail: the sample's time is up
+            limits = dataclasses.replace(self.limits, wall_s=min(self.limits.wall_s, remaining))
+            result = run_sandboxed(program, str(test.get("input", "")), limits)
             ok = result.ok and normalize_output(result.stdout) == normalize_output(
                 str(test["output"]))
             passed += ok
@@ -259,22 +275,30 @@ class HttpReward:
         if self.retries < 0 or self.timeout_s <= 0:
             raise ValueError(f"http reward: need retries >= 0 and timeout_s > 0, got {opts}")
 
-    def __call__(self, samples: list[dict]) -> list[float]:
+    def __call__(self, samples: list[dict], deadline: float | None = None) -> list[float]:
+        """deadline (time.monotonic()): every attempt and backoff must end by then."""
         if not samples:
             return []
         body = json.dumps({"samples": [
             {"prompt": s.get("prompt"), "completion": s.get("completion"),
              "answer": s.get("answer", (s.get("metadata") or {}).get("answer")),
              "metadata": s.get("metadata") or {}} for s in samples]}, default=_jsonable).encode()
-        reply = self._post(body)
+        reply = self._post(body, deadline)
         return self._parse(reply, len(samples))
 
-    def _post(self, body: bytes) -> bytes:
+    def _post(self, body: bytes, deadline: float | None) -> bytes:
+        def out_of_time(attempts: int, last: str) -> RewardServerError:
+            return RewardServerError(f"reward server {self.url}: the batch's time budget ran out after "
+                                     f"{attempts} attempt(s); last: {last}")
+
         for attempt in range(self.retries + 1):
+            budget = self.timeout_s if deadline is None else min(self.timeout_s, deadline - time.monotonic())
+            if budget <= 0:
+                raise out_of_time(attempt, problem if attempt else "none made")
             request = urllib.request.Request(self.url, data=body, method="POST",
                                              headers={"Content-Type": "application/json"})
             try:
-                with urllib.request.urlopen(request, timeout=self.timeout_s) as resp:
+                with urllib.request.urlopen(request, timeout=budget) as resp:
                     return resp.read()
             except urllib.error.HTTPError as e:
                 detail = e.read()[:300].decode("utf-8", "replace")
@@ -284,11 +308,15 @@ class HttpReward:
             except (OSError, http.client.HTTPException) as e:  # URLError is an OSError too
                 reason = getattr(e, "reason", e)
                 if isinstance(reason, TimeoutError):
+                    if budget < self.timeout_s:
+                        raise out_of_time(attempt + 1, f"no reply within the {budget:.2f}s left") from None
                     raise RewardServerError(f"reward server {self.url}: no reply within "
                                             f"timeout_s={self.timeout_s}s") from None
                 problem = f"connection failed: {reason}"
             if attempt < self.retries:
                 delay = self.backoff_s * 2 ** attempt
+                if deadline is not None and time.monotonic() + delay >= deadline:
+                    raise out_of_time(attempt + 1, problem)
                 log.warning("reward server %s: %s; retry %d/%d in %.2fs", self.url, problem,
                             attempt + 1, self.retries, delay)
                 time.sleep(delay)

@@ -3,11 +3,13 @@
 A sample is {"id", "prompt", "completion", "answer", "metadata", "completion_token_ids"}. Each reward
 component is scored on its own; a sample's reward is sum(weight * component). A component that raises,
 returns garbage, hangs past rewards.sample_timeout_s or kills its process gives the whole sample
-rewards.failure_reward; the failure is counted by kind and logged with the prompt id. A worker actor
-that dies is replaced and its share scored again once.
+rewards.failure_reward; the sample is counted once, by its first failing component's kind, and the
+failure logged with the prompt id. A worker actor that dies is replaced and its share scored again once.
+Shares are strided (samples[i::k]), so one group of slow or hanging samples spreads over the workers.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import threading
@@ -18,12 +20,12 @@ import ray
 
 from .config import RewardComponent, RewardsConfig
 from .model_reward import RewardModelActor
-from .procpool import ScorerPool, check_result
+from .procpool import SANDBOX_UID_BASE, ScorerPool, check_result
 
 log = logging.getLogger("groupflow.rewards")
 
 BATCH_NAMES = ("http",)  # builtin.BATCH_REWARD_FUNCTIONS: one call per worker share, not per sample
-FAILURE_KINDS = ("raised", "timeout", "crashed", "invalid", "worker_replaced")
+FAILURE_KINDS = ("raised", "timeout", "crashed", "invalid")  # per failed sample, first failing component
 LOGGED_PER_KIND = 3  # per component and batch: a reward broken on every sample must not flood the log
 
 
@@ -86,7 +88,8 @@ class RewardWorker:
         self.specs, self.rank, self.batch_timeout_s = specs, rank, batch_timeout_s
         self.per_sample = [s for s in specs if s["name"] not in BATCH_NAMES]
         self.batched = [s for s in specs if s["name"] in BATCH_NAMES]
-        self.procs = ScorerPool(self.per_sample, processes, sample_timeout_s) if self.per_sample else None
+        self.procs = (ScorerPool(self.per_sample, processes, sample_timeout_s, SANDBOX_UID_BASE + rank * processes)
+                      if self.per_sample else None)
         self._batch_scorers: dict | None = None
 
     def _batch_fns(self) -> dict:
@@ -107,15 +110,17 @@ class RewardWorker:
 
     def score(self, samples: list[dict]) -> dict[str, list[tuple[str, object]]]:
         """{component key: [("ok", float | steps) or (failure kind, detail)] in sample order}."""
-        # The http reward bounds its own requests and retries; this deadline only keeps a hung one
-        # from failing the whole batch: its samples fail as "timeout" a little before the batch would.
+        # Hung samples must not fail the whole batch: what is unscored by this deadline fails as
+        # "timeout", a little before the pool's rewards.timeout_s would. The http reward fits its
+        # requests and retries into the same budget.
         deadline = time.monotonic() + 0.8 * self.batch_timeout_s
-        jobs = {s["key"]: _Background(fn, samples) for s, fn in zip(self.batched, self._batch_fns().values())}
+        jobs = {s["key"]: _Background(functools.partial(fn, deadline=deadline), samples)
+                for s, fn in zip(self.batched, self._batch_fns().values())}
         out = {}
         if self.procs:
             k = len(self.per_sample)
             res = self.procs.run([(j, s["prompt"], s["completion"], scorer_metadata(s))
-                                  for s in samples for j in range(k)])
+                                  for s in samples for j in range(k)], deadline)
             out = {spec["key"]: res[j::k] for j, spec in enumerate(self.per_sample)}
         for s in self.batched:
             out[s["key"]] = _batch_results(jobs[s["key"]], samples, deadline)
@@ -135,12 +140,11 @@ def combine(samples: list[dict], keys: list[str], weights: dict[str, float],
     for i, sample in enumerate(samples):
         last = max(len(sample.get("completion_token_ids") or ()) - 1, 0)
         merged: dict[int, float] = defaultdict(float)
-        total, failed, has_steps = 0.0, False, False
+        total, failed, has_steps = 0.0, None, False
         for k in keys:
             kind, value = results[k][i]
             if kind != "ok":
-                failed = True
-                failures[kind] += 1
+                failed = failed or kind
                 comps[k].append(failure_reward)
                 logged[k, kind] += 1
                 if logged[k, kind] <= LOGGED_PER_KIND:
@@ -155,6 +159,8 @@ def combine(samples: list[dict], keys: list[str], weights: dict[str, float],
                 comps[k].append(value)
                 merged[last] += weights[k] * value
             total += weights[k] * comps[k][-1]
+        if failed:
+            failures[failed] += 1
         rewards.append(failure_reward if failed else total)
         steps.append([(merged[e], e) for e in sorted(merged)] if has_steps and not failed else None)
     for (k, kind), n in logged.items():
@@ -206,22 +212,21 @@ class RewardPool:
 
     def score(self, samples: list[dict]) -> dict:
         """{"rewards": [float], "components": {key: [float]}, "steps": [steps | None] | None,
-        "failures": {kind: count}}; raises TimeoutError past rewards.timeout_s."""
+        "failures": {kind: failed samples}, "workers_replaced": int}; raises TimeoutError past
+        rewards.timeout_s. workers_replaced counts actors, not samples: do not add it to failures."""
         n, k = len(samples), len(self.workers)
         deadline = time.monotonic() + self.cfg.timeout_s
         results = {key: [None] * n for key in self.keys}
-        pending = {self._submit("model", key, samples): ("model", key, 0, n, False) for key in self.models}
-        for i in range(k):
-            a, b = i * n // k, (i + 1) * n // k
-            if b > a:
-                pending[self._submit("worker", i, samples[a:b])] = ("worker", i, a, b, False)
+        pending = {self._submit("model", key, samples): ("model", key, slice(0, n), False) for key in self.models}
+        for i in range(min(k, n)):
+            pending[self._submit("worker", i, samples[i::k])] = ("worker", i, slice(i, n, k), False)
         replaced = 0
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
             if not done:
                 raise TimeoutError(f"reward workers did not score {n} completions within "
                                    f"rewards.timeout_s={self.cfg.timeout_s}s")
-            role, idx, a, b, retried = pending.pop(done[0])
+            role, idx, share, retried = pending.pop(done[0])
             try:
                 part = ray.get(done[0])
             except ray.exceptions.RayActorError as e:
@@ -235,7 +240,7 @@ class RewardPool:
                 else:
                     self.workers[idx] = self._new_worker(idx)
                 replaced += 1
-                pending[self._submit(role, idx, samples[a:b])] = (role, idx, a, b, True)
+                pending[self._submit(role, idx, samples[share])] = (role, idx, share, True)
                 continue
             except ray.exceptions.RayTaskError as e:
                 if role == "worker":  # a bug or a reward that cannot be built: not a per-sample failure
@@ -243,10 +248,14 @@ class RewardPool:
                 part = {idx: [("raised", str(e.cause)[:500])] * n}
             if role == "model":
                 part = part if isinstance(part, dict) else {idx: [_model_value(v) for v in part]}
+            want = len(range(n)[share])
             for key, values in part.items():
-                results[key][a:b] = values
+                if len(values) != want:  # a slice assignment would silently shift every later sample
+                    raise RuntimeError(f"reward {role} {idx} returned {len(values)} results for "
+                                       f"{key!r}, expected {want}")
+                results[key][share] = values
         out = combine(samples, self.keys, self.weights, results, self.cfg.failure_reward)
-        out["failures"]["worker_replaced"] = replaced
+        out["workers_replaced"] = replaced
         return out
 
     def shutdown(self):
@@ -260,6 +269,8 @@ class RewardPool:
 
 
 def _model_value(v) -> tuple[str, object]:
+    if isinstance(v, str):  # the error that failed this sample's chunk (model_reward.RewardModel.score)
+        return "raised", v
     try:
         return "ok", check_result(v, 0)
     except (TypeError, ValueError) as e:

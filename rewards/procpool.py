@@ -8,13 +8,17 @@ deadline or exits. This module imports nothing heavy: it is also the children's 
 """
 from __future__ import annotations
 
+import glob
+import logging
 import math
 import numbers
 import operator
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -23,7 +27,14 @@ from multiprocessing.connection import Connection, Pipe, wait
 from pathlib import Path
 
 STARTUP_TIMEOUT_S = 120.0  # importing the rewards (sympy, math-verify) can take a while on a busy box
+RESTARTS = 3  # consecutive failed restarts of one slot before the pool gives up (the first build: none)
+# Code sandboxes run as uid SANDBOX_UID_BASE + worker rank * processes + slot: RLIMIT_NPROC counts
+# per uid, so each slot needs its own or one sample's fork bomb starves the sandboxes beside it.
+# The range must hold no real users (see rewards/sandbox.py, GROUPFLOW_SANDBOX_UID).
+SANDBOX_UID_BASE = 60000
 ROOT = Path(__file__).resolve().parents[1]
+SLOT_DIR_PREFIX = "groupflow-slot-"
+log = logging.getLogger("groupflow.rewards")
 
 
 def check_result(value, n_tokens: int) -> float | list[tuple[float, int]]:
@@ -44,15 +55,32 @@ def check_result(value, n_tokens: int) -> float | list[tuple[float, int]]:
 
 
 def _exit_with_parent(parent: int) -> None:
-    # If the Ray worker is SIGKILLed nobody reaps us: leave as soon as we are reparented.
+    """If the Ray worker is SIGKILLed nobody reaps us: die with it.
+
+    PR_SET_PDEATHSIG is the kernel's way and works even while a scorer holds the GIL (a sympy hang),
+    which starves the watcher thread. Linux only; it fires when the spawning *thread* exits, and the
+    pool is driven from the actor's long-lived task thread. The thread stays as the fallback.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # the parent died before prctl: the signal will never come
+        os._exit(0)
+    threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+
+
+def _watch_parent(parent: int) -> None:
     while os.getppid() == parent:
         time.sleep(0.5)
     os._exit(0)
 
 
-def child_main(fd: int) -> None:
+def child_main(fd: int, parent: int) -> None:
+    _exit_with_parent(parent)
     conn = Connection(fd)
-    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     specs = conn.recv()
     try:
         from rewards.builtin import REWARD_FUNCTIONS
@@ -78,18 +106,43 @@ def child_main(fd: int) -> None:
             conn.send(("invalid", str(e)[:500]))
 
 
-class _Slot:
-    """One child process and its end of the socket pair."""
+def _sweep_orphan_dirs() -> None:
+    """Removes slot dirs whose owner is gone: a SIGKILLed worker never runs _Slot.kill()."""
+    for path in glob.glob(os.path.join(tempfile.gettempdir(), SLOT_DIR_PREFIX + "*")):
+        try:
+            os.kill(int(os.path.basename(path)[len(SLOT_DIR_PREFIX):].split("-")[0]), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except (ValueError, OSError):  # not ours, or alive under another uid
+            pass
 
-    def __init__(self, specs: list[dict]):
+
+class _Slot:
+    """One child process, its end of the socket pair, and its own temp dir.
+
+    The child's TMPDIR is that dir, so what a killed child leaves there (a code sandbox's work dir)
+    goes with kill(). `restarts`: failed starts before this one, None for a slot of the first build.
+    """
+
+    def __init__(self, specs: list[dict], uid: int | None, restarts: int | None = None):
+        self.restarts, self.uid = restarts, uid
+        self.tmp = tempfile.mkdtemp(prefix=f"{SLOT_DIR_PREFIX}{os.getpid()}-")
         ours, theirs = Pipe()
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        env = dict(os.environ, TMPDIR=self.tmp, PYTHONPATH=os.pathsep.join(
             [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
-        # subprocess execs right after forking, which is safe in a process with threads. Its own
-        # process group, so a kill also ends whatever the reward started (a shell, a compiler).
-        self.proc = subprocess.Popen([sys.executable, "-m", "rewards.procpool", str(theirs.fileno())],
-                                     pass_fds=(theirs.fileno(),), env=env, start_new_session=True)
-        theirs.close()
+        if uid is not None:
+            env["GROUPFLOW_SANDBOX_UID"] = str(uid)
+        try:  # subprocess execs right after forking, which is safe in a process with threads. Its
+            # own process group, so a kill also ends whatever the reward started (a shell, a compiler).
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "rewards.procpool", str(theirs.fileno()), str(os.getpid())],
+                pass_fds=(theirs.fileno(),), env=env, start_new_session=True)
+        except BaseException:
+            ours.close()
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise
+        finally:
+            theirs.close()
         self.conn = ours
         self.conn.send(specs)
         self.starting = True
@@ -97,49 +150,81 @@ class _Slot:
         self.deadline = time.monotonic() + STARTUP_TIMEOUT_S
 
     def kill(self) -> int:
-        """SIGKILLs the group (leftovers too, if it already exited) and returns the exit code."""
+        """SIGKILLs the group (leftovers too, if it already exited), removes its temp dir, returns the code."""
         if self.proc.returncode is None:  # not reaped yet, so the group id cannot have been reused
             try:
                 os.killpg(self.proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
         self.conn.close()
-        return self.proc.wait()
+        self.starting, self.job = False, None
+        code = self.proc.wait()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        return code
 
 
 class ScorerPool:
-    """`processes` children, each holding one scorer per spec {"name", "options"} built once."""
+    """`processes` children, each holding one scorer per spec {"name", "options"} built once.
+    With uid_base, slot i's code sandboxes run as uid_base + i."""
 
-    def __init__(self, specs: list[dict], processes: int, sample_timeout_s: float):
-        self.specs, self.sample_timeout_s = specs, sample_timeout_s
-        self.slots = [_Slot(specs) for _ in range(processes)]
+    def __init__(self, specs: list[dict], processes: int, sample_timeout_s: float,
+                 uid_base: int | None = None):
+        self.specs, self.sample_timeout_s, self.uid_base = specs, sample_timeout_s, uid_base
+        _sweep_orphan_dirs()
+        self.slots: list[_Slot] = []
+        for i in range(processes):
+            self.slots.append(_Slot(specs, self._uid(i)))
+
+    def _uid(self, i: int) -> int | None:
+        return None if self.uid_base is None else self.uid_base + i
 
     def pids(self) -> list[int]:
         return [s.proc.pid for s in self.slots]
 
-    def run(self, jobs: list[tuple[int, str, str, dict]]) -> list[tuple[str, object]]:
+    def run(self, jobs: list[tuple[int, str, str, dict]], deadline: float | None = None
+            ) -> list[tuple[str, object]]:
         """Each job (spec index, prompt, completion, metadata) -> ("ok", value) or (kind, detail), in order.
 
         Kinds: "raised" (the scorer raised), "invalid" (not a finite float / step list), "timeout" (no
-        answer within sample_timeout_s: the process is killed), "crashed" (the process exited).
+        answer within sample_timeout_s, or none before `deadline` (time.monotonic()): the process is
+        killed), "crashed" (the process exited). Slots still restarting are left to the next run.
         """
         results: list = [None] * len(jobs)
         todo = deque(range(len(jobs)))
-        while todo or any(s.starting or s.job is not None for s in self.slots):
-            for s in self.slots:
-                if not s.starting and s.job is None and todo:
-                    self._send(s, todo.popleft(), jobs, todo)
-            busy = [s for s in self.slots if s.starting or s.job is not None]
-            ready = wait([s.conn for s in busy], max(0.0, min(s.deadline for s in busy) - time.monotonic()))
-            for i, s in enumerate(self.slots):
-                if s in busy:
-                    self._poll(i, s, s.conn in ready, results)
+        try:
+            while todo or any(s.job is not None or (s.starting and not jobs) for s in self.slots):
+                if deadline is not None and time.monotonic() >= deadline:
+                    for j in [s.job for s in self.slots if s.job is not None] + list(todo):
+                        results[j] = ("timeout", "batch deadline")
+                    self._kill_busy()
+                    break
+                for s in self.slots:
+                    if not s.starting and s.job is None and todo:
+                        self._send(s, todo.popleft(), jobs, todo)
+                busy = [s for s in self.slots if s.starting or s.job is not None]
+                until = min([s.deadline for s in busy] + ([deadline] if deadline is not None else []))
+                ready = wait([s.conn for s in busy], max(0.0, until - time.monotonic()))
+                for i, s in enumerate(self.slots):
+                    if s in busy:
+                        self._poll(i, s, s.conn in ready, results)
+        except BaseException:
+            # A job still running would answer into a later batch: kill its process before raising.
+            try:
+                self._kill_busy()
+            except Exception:  # noqa: BLE001 - the original error is the one to report
+                pass
+            raise
         return results
 
     def wait_ready(self) -> list[int]:
         """Block until every child has built its scorers; returns their pids."""
         self.run([])
         return self.pids()
+
+    def _kill_busy(self) -> None:
+        for i, s in enumerate(self.slots):
+            if s.job is not None:
+                self._replace(i)
 
     def _send(self, s: _Slot, j: int, jobs: list, todo: deque) -> None:
         try:
@@ -155,31 +240,47 @@ class ScorerPool:
             try:
                 msg = s.conn.recv()
             except (EOFError, OSError):
-                code = s.kill()
-                starting = s.starting
-                self._replace(i)  # keeps the pool usable even when we raise below
+                job, starting, code = s.job, s.starting, s.kill()
                 if starting:
-                    raise RuntimeError(f"reward process exited with code {code} while building the "
-                                       f"scorers {[x['name'] for x in self.specs]}") from None
-                results[s.job] = ("crashed", f"process exited with code {code}")
+                    self._start_failed(i, f"reward process exited with code {code} while building "
+                                          f"the scorers {[x['name'] for x in self.specs]}")
+                    return
+                results[job] = ("crashed", f"process exited with code {code}")
+                self._replace(i)
                 return
             if s.starting:
                 if msg[0] == "error":
-                    self._replace(i)
-                    raise RuntimeError(f"building the reward scorers failed:\n{msg[1]}")
+                    self._start_failed(i, f"building the reward scorers failed:\n{msg[1]}")
+                    return
                 s.starting = False
             else:
                 results[s.job], s.job = msg, None
         elif time.monotonic() >= s.deadline:
             if s.starting:
-                self._replace(i)
-                raise RuntimeError(f"reward process did not start within {STARTUP_TIMEOUT_S}s")
+                self._start_failed(i, f"reward process did not start within {STARTUP_TIMEOUT_S}s")
+                return
             results[s.job] = ("timeout", f"no result within {self.sample_timeout_s}s")
             self._replace(i)
 
-    def _replace(self, i: int) -> None:
+    def _start_failed(self, i: int, why: str) -> None:
+        """The first build failing is fatal (a broken reward); a restart is retried RESTARTS times."""
+        s = self.slots[i]
+        s.kill()
+        if s.restarts is None or s.restarts >= RESTARTS:
+            raise RuntimeError(why if s.restarts is None else f"{why}\n(after {s.restarts} retries)")
+        log.warning("reward process restart failed (retry %d/%d): %s", s.restarts + 1, RESTARTS, why)
+        self._replace(i, s.restarts + 1)
+
+    def _replace(self, i: int, restarts: int = 0) -> None:
         self.slots[i].kill()
-        self.slots[i] = _Slot(self.specs)
+        for attempt in range(RESTARTS + 1):  # Popen itself can fail for a moment (EAGAIN, ENOMEM)
+            try:
+                self.slots[i] = _Slot(self.specs, self._uid(i), restarts)
+                return
+            except OSError:
+                if attempt == RESTARTS:
+                    raise
+                time.sleep(0.5 * (attempt + 1))
 
     def shutdown(self) -> None:
         for s in self.slots:
@@ -193,4 +294,4 @@ class ScorerPool:
 
 
 if __name__ == "__main__":
-    child_main(int(sys.argv[1]))
+    child_main(int(sys.argv[1]), int(sys.argv[2]))

@@ -6,14 +6,15 @@ Isolation, set up by a small launcher (this file run as a script, as root) befor
     (/usr, /lib*, the interpreter's prefix, /dev/null|zero|urandom), then chroot: /etc, /tmp, /work
     and the rest of the host are simply not there;
   - the program's cwd is /sandbox, a small tmpfs of its own that vanishes with the mount namespace;
-  - an unprivileged uid (65534) with no_new_privs, so RLIMIT_NPROC applies and setuid binaries don't;
+  - an unprivileged uid ($GROUPFLOW_SANDBOX_UID, one per scoring process as RLIMIT_NPROC counts per
+    uid; else 65534) with no_new_privs, so RLIMIT_NPROC applies and setuid binaries don't;
   - rlimits: CPU seconds, address space, processes, file size, open files, no core dumps;
   - a wall-clock deadline and capped stdout/stderr enforced by the caller, which then has the launcher
     kill the namespace's init (so does the caller's death): the kernel kills every process left in
     the namespace before init is reaped, so nothing outlives a run.
 
 Process tree: caller -> launcher (host namespaces) -> init (PID 1 of the new namespace, root) ->
-program (PID 2, uid 65534). Init exists because a PID-1 program would ignore signals such as SIGXCPU.
+program (PID 2, the sandbox uid). Init exists because a PID-1 program would ignore signals such as SIGXCPU.
 Without root, run_sandboxed refuses unless allow_unisolated is set (then: rlimits and a temp dir only).
 """
 from __future__ import annotations
@@ -37,9 +38,7 @@ SETUP_FAILED = 125
 # ---------------------------------------------------------------- launcher side (runs as a script)
 
 def _libc():
-    libc = ctypes.CDLL(None, use_errno=True)
-    for name in ("unshare", "mount", "prctl"):
-        getattr(libc, name).restype = ctypes.c_int
+    libc = ctypes.CDLL(None, use_errno=True)  # unshare, mount, prctl return int: the default restype
     libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
                            ctypes.c_char_p]
     return libc
@@ -222,12 +221,12 @@ class SandboxLimits:
     cpu_s: int = 2  # RLIMIT_CPU: SIGXCPU at cpu_s, SIGKILL a second later
     wall_s: float = 5.0  # whole run, interpreter start-up included
     memory_mb: int = 512  # RLIMIT_AS
-    nprocs: int = 16  # RLIMIT_NPROC, counted per uid: shared by sandboxes running at once
+    nprocs: int = 16  # RLIMIT_NPROC, counted per uid: shared by sandboxes running as the same uid
     file_mb: int = 1  # RLIMIT_FSIZE, largest file the program may write
     disk_mb: int = 16  # size of the program's tmpfs working directory
     open_files: int = 64  # RLIMIT_NOFILE
     output_kb: int = 64  # stdout and stderr are each cut (and the program killed) past this
-    uid: int = 65534
+    uid: int | None = None  # None: $GROUPFLOW_SANDBOX_UID, else 65534 (nobody)
     gid: int = 65534
     interpreter: str | None = None  # default: the real binary behind sys.executable
     ro_binds: tuple[str, ...] = ()  # extra host paths shown read-only, e.g. a site-packages
@@ -291,8 +290,9 @@ def _run(code: str, stdin: str, limits: SandboxLimits, isolate: bool) -> Sandbox
         cfg = dict(isolate=isolate, root=os.path.join(host_dir, "root"), host_dir=host_dir,
                    interpreter=interpreter, status_fd=status_w, control_fd=ctl_r,
                    ro_binds=[prefix] + [os.path.realpath(p) for p in limits.ro_binds],
+                   uid=int(os.environ.get("GROUPFLOW_SANDBOX_UID", 65534)) if limits.uid is None else limits.uid,
                    **{k: getattr(limits, k) for k in ("cpu_s", "memory_mb", "nprocs", "file_mb",
-                                                      "disk_mb", "open_files", "uid", "gid")})
+                                                      "disk_mb", "open_files", "gid")})
         with open(os.path.join(host_dir, "config.json"), "w") as f:
             json.dump(cfg, f)
         start = time.monotonic()  # the launcher gets pipes for the program's stdio, a status

@@ -10,6 +10,7 @@ carry the data cursor through a checkpoint so a resumed run continues with exact
 from __future__ import annotations
 
 import logging
+import math
 import random
 import re
 from pathlib import Path
@@ -17,29 +18,11 @@ from typing import Any, Callable, Optional
 
 from .config import TaskConfig
 from .data import Fields, Malformed, chat_token_counter, fingerprint, load_rows
+from .numbers import last_number, numbers_equal, parse_number  # noqa: F401 - re-exported
 
 log = logging.getLogger("groupflow.rewards")
 
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
-
 CountTokens = Callable[[list[dict]], int]
-
-
-def parse_number(text: str) -> float | None:
-    try:
-        return float(text.replace(",", "").strip())
-    except ValueError:
-        return None
-
-
-def last_number(text: str) -> float | None:
-    """The last number in a completion: the usual answer extraction for short math answers."""
-    found = _NUMBER.findall(text)
-    return parse_number(found[-1]) if found else None
-
-
-def numbers_equal(pred: float | None, answer: float) -> bool:
-    return pred is not None and abs(pred - answer) < 1e-6
 
 
 def last_boxed(text: str) -> str | None:
@@ -233,7 +216,7 @@ class GSM8KTask(DatasetTask):
 
     def _parse_answer(self, text: str) -> float:
         value = parse_number(text)
-        if value is None:
+        if value is None or not math.isfinite(value):  # float() also takes "nan" and "inf"
             raise Malformed(f"no number after #### (got {text[:40]!r})")
         return value
 

@@ -32,6 +32,11 @@ def flaky(prompt, completion, metadata):
         return float("nan")
     return float(len(completion)) + metadata["answer"]
 
+def sleepy(prompt, completion, metadata):
+    if completion == "sleep":
+        time.sleep(120)
+    return float(len(completion))
+
 def answer(prompt, completion, metadata):
     return float(metadata["answer"])
 
@@ -111,7 +116,8 @@ def test_raise_hang_crash_and_garbage_cost_one_sample_each(local_ray, pools, fns
     assert out["rewards"] == [3.0, -1.0, 5.0, -1.0, -1.0, -1.0, 6.0, 4.0]
     assert out["components"] == {"python": out["rewards"]}
     assert out["steps"] is None
-    assert out["failures"] == {"raised": 1, "timeout": 1, "crashed": 1, "invalid": 1, "worker_replaced": 0}
+    assert out["failures"] == {"raised": 1, "timeout": 1, "crashed": 1, "invalid": 1}
+    assert out["workers_replaced"] == 0
     assert elapsed < 15, elapsed  # the hang cost its 2 s limit, not its 120 s sleep
     hung = int(open(pid_file).read())
     assert wait_gone([hung], 5) == [], "the hung scorer's process was not killed"
@@ -125,6 +131,22 @@ def test_raise_hang_crash_and_garbage_cost_one_sample_each(local_ray, pools, fns
     assert len(pids) == 4 and all(alive(p) for p in pids)
     pool.shutdown()
     assert wait_gone(pids, 5) == [], "shutdown left scoring processes behind"
+
+
+def test_a_batch_of_hangs_fails_as_timeouts_within_the_batch_timeout(local_ray, pools, fns):
+    # 12 hangs at 1 s each on 2 workers x 2 processes: over 3 s, restarts aside; the batch has 2.5 s.
+    pool = make_pool(pools, num_workers=2, processes_per_worker=2, sample_timeout_s=1.0, timeout_s=2.5,
+                     failure_reward=-1.0, components=[{"name": "python", "options": {"function": fns("sleepy")}}])
+    start = time.monotonic()
+    out = pool.score([sample(i, "sleep") for i in range(12)])  # raises TimeoutError past 2.5 s
+    elapsed = time.monotonic() - start
+    assert elapsed < 2.5, elapsed
+    assert out["rewards"] == [-1.0] * 12
+    assert out["failures"] == {"raised": 0, "timeout": 12, "crashed": 0, "invalid": 0}
+    # The killed processes were replaced: the next batch scores in full, in order across the
+    # strided shares (worker 0 took samples 0, 2, 4, worker 1 took 1, 3).
+    out = pool.score([sample(i, "x" * i) for i in range(5)])
+    assert out["rewards"] == [0.0, 1.0, 2.0, 3.0, 4.0] and sum(out["failures"].values()) == 0
 
 
 def test_weighted_components_and_merged_steps(local_ray, pools, fns):
@@ -172,9 +194,9 @@ def test_killed_worker_is_replaced_in_its_bundle(local_ray, pools):
         out = pool.score(batch)
         assert out["rewards"] == expected
         assert out["components"] == {"last_number": expected}
-        assert out["failures"]["worker_replaced"] == 1
+        assert out["workers_replaced"] == 1 and sum(out["failures"].values()) == 0
         assert pool.workers[0] is not victim
-        assert pool.score(batch)["failures"]["worker_replaced"] == 0
+        assert pool.score(batch)["workers_replaced"] == 0
     finally:
         for p in pools:
             p.shutdown()

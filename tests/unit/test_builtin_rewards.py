@@ -57,6 +57,15 @@ def test_math_equivalent_forms():
     assert score("math", "anything", None) == 0.0
 
 
+def test_math_answer_is_fallback():
+    assert score("math", "The answer is \\$18.", "#### 18") == 1.0  # an escaped dollar sign
+    assert score("math", "Total: the answer is: \\$1,000!", 1000) == 1.0
+    # A number that does not end the sentence is no final answer: not 5 here, nor 18 in "18.5".
+    assert score("math", "The answer is 5 + 13 = 18.", 5) == 0.0
+    assert score("math", "The answer is 5 + 13 = 18.", 18) == 1.0
+    assert score("math", "So the answer is 18.5", 18) == 0.0
+
+
 def test_math_works_off_the_main_thread():
     # math-verify's own timeout uses SIGALRM: in a worker thread it would fail every call.
     out = []
@@ -148,7 +157,7 @@ def test_python_function(tmp_path):
 def test_factories_reject_unknown_options_and_travel_between_processes():
     with pytest.raises(ValueError, match="unknown option.*'timeout'"):
         REWARD_FUNCTIONS["code"]({"timeout": 3})
-    for name in ("math", "format", "last_number", "code"):
+    for name in ("math", "format", "last_number") + (("code",) if os.geteuid() == 0 else ()):
         scorer = pickle.loads(pickle.dumps(REWARD_FUNCTIONS[name]({})))
         assert callable(scorer)
     # As the pool does it: import in a fresh interpreter, build from a plain dict, score.
@@ -243,6 +252,21 @@ def test_http_gives_up_after_retries(server):
         http(closed, retries=2)(SAMPLES)
     probe.close()
     assert 0.15 <= time.monotonic() - start < 5  # backoff 0.05 + 0.1
+
+
+def test_http_stays_within_the_batch_deadline(server):
+    start = time.monotonic()
+    with pytest.raises(RewardServerError, match="time budget ran out after 1 attempt.*within the 0.[45]"):
+        http(server + "/hang", timeout_s=30)(SAMPLES, deadline=start + 0.5)
+    assert time.monotonic() - start < 1.5
+    # Retries stop where the next backoff would cross the deadline: the first (0.3 s) fits, the
+    # second (0.6 s more) does not.
+    start = time.monotonic()
+    with pytest.raises(RewardServerError, match="budget ran out after 2 attempt.*HTTP 503"):
+        http(server + "/flaky", retries=3, backoff_s=0.3)(SAMPLES, deadline=start + 0.7)
+    assert time.monotonic() - start < 0.7 and Handler.calls["/flaky"] == 2
+    with pytest.raises(RewardServerError, match="budget ran out after 0 attempt"):
+        http(server + "/ok")(SAMPLES, deadline=time.monotonic())
 
 
 def test_http_timeout(server):

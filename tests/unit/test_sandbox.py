@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from rewards.builtin import REWARD_FUNCTIONS, normalize_output
-from rewards.sandbox import SandboxLimits, run_sandboxed
+from rewards.sandbox import SandboxError, SandboxLimits, run_sandboxed
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not sys.platform.startswith("linux"),
                                 reason="the isolated sandbox needs root on Linux")
@@ -159,6 +159,33 @@ def test_fork_bomb_is_contained(bomb):
     assert subprocess.run(["true"]).returncode == 0
 
 
+def test_a_fork_bomb_does_not_starve_a_sandbox_of_another_uid():
+    bomb = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass"
+    forker = "import os\nfor _ in range(4):\n    if os.fork() == 0:\n        os._exit(0)\n    os.wait()\nprint('forked')"
+    t = threading.Thread(target=run_sandboxed, args=(bomb, "", SandboxLimits(**{**LIMITS, "wall_s": 3.0})))
+    t.start()
+    try:
+        time.sleep(1.0)  # by now the bomb holds every process uid 65534 may have
+        try:  # control: the same uid cannot fork, or not even start its program
+            starved = not run_sandboxed(forker, "", SandboxLimits(**LIMITS)).ok
+        except SandboxError:
+            starved = True
+        assert starved
+        assert run_sandboxed(forker, "", SandboxLimits(**LIMITS, uid=60020)).stdout == "forked\n"
+    finally:
+        t.join()
+
+
+def test_tests_that_do_not_fit_in_total_s_fail():
+    program = "import time\nx = input()\ntime.sleep(float(x))\nprint(x)"
+    tests = [{"input": "0", "output": "0"}, {"input": "3", "output": "3"}, {"input": "0", "output": "0"}]
+    score = REWARD_FUNCTIONS["code"]({**LIMITS, "wall_s": 5.0, "total_s": 1.5})
+    start = time.monotonic()
+    # The first passes, the second is cut at the 1.5 s left, the third gets no time at all.
+    assert score("", f"```python\n{program}\n```", {"id": "t", "tests": tests}) == pytest.approx(1 / 3)
+    assert time.monotonic() - start < 2.5
+
+
 def test_background_process_does_not_outlive_the_run():
     program = textwrap.dedent("""
         import os, time
@@ -232,6 +259,12 @@ except SandboxUnavailableError as e:
     print("REFUSED", e)
 r = run_sandboxed("print(6 * 7)", "", SandboxLimits(allow_unisolated=True))
 print("UNISOLATED", r.stdout.strip(), r.isolated)
+from rewards.builtin import REWARD_FUNCTIONS
+try:
+    REWARD_FUNCTIONS["code"]({{}})
+    print("BUILT")
+except SandboxUnavailableError as e:
+    print("REFUSED AT BUILD", e)
 """
 
 
@@ -244,4 +277,5 @@ def test_without_privileges_it_refuses_unless_allowed():
     assert lines[0].startswith("REFUSED code sandbox unavailable: needs root"), lines
     assert "allow_unisolated=True" in lines[0]
     assert lines[1] == "UNISOLATED 42 False"
+    assert lines[2].startswith("REFUSED AT BUILD code sandbox unavailable: needs root"), lines
 
