@@ -1,11 +1,9 @@
-"""Rollout rows to padded tensors, and per-token logprobs of the completions. Pure torch."""
+"""Rollout rows to padded tensors, and the logits that predict the completions. Pure torch."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
-
-from .algorithms import entropy_from_logits, token_logprobs
 
 
 @dataclass
@@ -53,13 +51,6 @@ def completion_logits(model, micro: Micro, temperature: float = 1.0) -> torch.Te
     idx = micro.comp_index.unsqueeze(-1).expand(-1, -1, logits.size(-1))
     sel = torch.gather(logits, 1, idx)  # completion positions only: [B, C, V]
     return sel / temperature if temperature != 1.0 else sel
-
-
-def completion_logprobs(model, micro: Micro, temperature: float = 1.0, with_entropy: bool = False):
-    """log pi(c_t | prefix) for every completion token: [B, C] (and the entropy there, if asked)."""
-    sel = completion_logits(model, micro, temperature)
-    logp = token_logprobs(sel, micro.comp_ids)
-    return (logp, entropy_from_logits(sel)) if with_entropy else logp
 
 
 def gather_positions(x: torch.Tensor, micro: Micro) -> torch.Tensor:

@@ -14,6 +14,10 @@ def _get(refs, timeout_s: float, what: str):
         raise TimeoutError(f"learner ranks did not finish {what} within {timeout_s}s") from None
 
 
+def _rank_mean(results: list[dict]) -> dict:
+    return {k: sum(r[k] for r in results) / len(results) for k in results[0]}
+
+
 class LearnerGroup:
     def __init__(self, cfg: LearnerConfig, algo: AlgorithmConfig, model_path: str, local_batch: int,
                  temperature: float, max_new_tokens: int, actor_options: list[dict], timeout_s: float,
@@ -50,12 +54,10 @@ class LearnerGroup:
         return merged, [x for r in results for x in r["kl_sum"]]
 
     def train(self, shards: list[dict]) -> dict:
-        results = self.call("train", per_rank=[(s,) for s in shards], what="a training step")
-        return {k: sum(r[k] for r in results) / len(results) for k in results[0]}
+        return _rank_mean(self.call("train", per_rank=[(s,) for s in shards], what="a training step"))
 
     def sft_train(self, shards: list[dict]) -> dict:
-        results = self.call("sft_train", per_rank=[(s,) for s in shards], what="an SFT step")
-        return {k: sum(r[k] for r in results) / len(results) for k in results[0]}
+        return _rank_mean(self.call("sft_train", per_rank=[(s,) for s in shards], what="an SFT step"))
 
     def peak_memory(self) -> list[dict]:
         return self.call("peak_memory")

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from .algorithms import (KL_ESTIMATORS, aggregation_units, entropy, entropy_from_logits, grpo_loss, masked_mean,
+from .algorithms import (AGGREGATIONS, KL_ESTIMATORS, aggregation_units, entropy, entropy_from_logits, grpo_loss, masked_mean,
                          tis_weights, token_logprobs)
 from .batch import Micro, completion_logits, gather_positions, make_micro, stack_padded
 from .config import AlgorithmConfig
@@ -41,6 +41,14 @@ def global_sum(values: list[float], device) -> list[float]:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t)
     return t.tolist()
+
+
+def accumulation_denom(local_units: float, micros: int, device) -> float:
+    """What each micro-batch's loss divides by so one optimizer step equals one pass over the whole
+    minibatch: DeepSpeed averages the micro losses over the accumulation steps and the ranks, so
+    each divides by the minibatch's global unit count / (micros x ranks)."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    return max(global_sum([local_units], device)[0], 1.0) / (micros * world)
 
 
 def _mask(mb: Micro, prep: Prepared) -> torch.Tensor:
@@ -133,15 +141,12 @@ def train(engines: dict, shard: dict, prep: Prepared, algo: AlgorithmConfig, epo
     for engine in (policy, critic):
         if engine is not None:
             engine.train()
-    world = dist.get_world_size() if dist.is_initialized() else 1
     for _ in range(epochs):
         perm = torch.randperm(n, generator=g).tolist()
         for k in range(minibatches):
             batch = micros(shard, perm[k * per_mb: (k + 1) * per_mb], size, pad_id, device)
-            # One optimizer step per minibatch: DeepSpeed averages the micro losses over the
-            # accumulation steps and the ranks, so each divides by the global count / (micros x ranks).
-            units = global_sum([sum(aggregation_units(algo.aggregation, _mask(mb, prep)) for mb in batch)], device)[0]
-            denom = max(units, 1.0) / (len(batch) * world)
+            denom = accumulation_denom(sum(aggregation_units(algo.aggregation, _mask(mb, prep)) for mb in batch),
+                                       len(batch), device)
             for mb in batch:
                 C = mb.comp_ids.size(1)
                 mask = _mask(mb, prep)
@@ -192,14 +197,14 @@ def sft_train(policy, shard: dict, minibatches: int, size: int, pad_id: int, dev
     per_mb = n // minibatches
     policy.train()
     total, count = 0.0, 0
-    world = dist.get_world_size() if dist.is_initialized() else 1
     for k in range(minibatches):
         batch = micros(shard, list(range(k * per_mb, (k + 1) * per_mb)), size, pad_id, device)
-        tokens = global_sum([sum(float(mb.comp_mask.sum()) for mb in batch)], device)[0]
-        denom = max(tokens, 1.0) / (len(batch) * world)  # every response token of the minibatch weighs the same
+        # every response token of the minibatch weighs the same
+        denom = accumulation_denom(sum(aggregation_units("token-mean", mb.comp_mask) for mb in batch),
+                                   len(batch), device)
         for mb in batch:
             logp = token_logprobs(completion_logits(policy, mb), mb.comp_ids)
-            loss = -(logp * mb.comp_mask).sum() / denom
+            loss = AGGREGATIONS["token-mean"](-logp, mb.comp_mask, 0, denom)
             policy.backward(loss)
             policy.step()
             total, count = total + loss.item(), count + 1

@@ -2,7 +2,8 @@
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from learner.batch import completion_logprobs, make_micro, stack_padded
+from learner.algorithms import entropy_from_logits, token_logprobs
+from learner.batch import completion_logits, make_micro, stack_padded
 
 
 def tiny_model():
@@ -25,7 +26,8 @@ def test_completion_logprobs_equal_a_full_forward_per_sequence():
     prompts, comps = [[1, 2, 3], [4, 5]], [[6, 7], [8, 9, 10, 11]]
     mb = make_micro(prompts, comps, rows=[0, 1], pad_id=0)
     with torch.no_grad():
-        got, ent = completion_logprobs(model, mb, with_entropy=True)
+        sel = completion_logits(model, mb)
+        got, ent = token_logprobs(sel, mb.comp_ids), entropy_from_logits(sel)
         for i, (p, c) in enumerate(zip(prompts, comps)):
             logits = model(input_ids=torch.tensor([p + c])).logits[0]
             logp = torch.log_softmax(logits.float(), -1)
@@ -40,7 +42,7 @@ def test_temperature_scales_logits():
     model = tiny_model()
     mb = make_micro([[1, 2]], [[3, 4]], rows=[0], pad_id=0)
     with torch.no_grad():
-        hot = completion_logprobs(model, mb, temperature=2.0)
+        hot = token_logprobs(completion_logits(model, mb, temperature=2.0), mb.comp_ids)
         logits = model(input_ids=mb.input_ids).logits[0, 1:3] / 2.0
     want = torch.log_softmax(logits, -1).gather(-1, torch.tensor([[3], [4]]))[:, 0]
     torch.testing.assert_close(hot[0], want, atol=1e-5, rtol=1e-5)
