@@ -10,9 +10,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 
-def _atomic_write_table(table: pa.Table, path: Path) -> None:
+def atomic_write(path: Path, write) -> None:
+    """write(tmp) then rename over `path`: a reader never sees a half-written file."""
     tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
+    write(tmp)
     os.replace(tmp, path)
 
 
@@ -38,12 +39,10 @@ class RunLog:
                                   if key in metrics}, refresh=False)
 
     def rollouts(self, step: int, table: pa.Table) -> None:
-        _atomic_write_table(table, self.run_dir / "rollouts" / f"step_{step:06d}.parquet")
+        atomic_write(self.run_dir / "rollouts" / f"step_{step:06d}.parquet", lambda p: pq.write_table(table, p))
 
     def write_json(self, name: str, obj: dict) -> None:
-        tmp = self.run_dir / f".{name}.tmp"
-        tmp.write_text(json.dumps(obj, indent=2))
-        os.replace(tmp, self.run_dir / name)
+        atomic_write(self.run_dir / name, lambda p: p.write_text(json.dumps(obj, indent=2)))
 
     def print(self, msg: str) -> None:
         (self.bar.write if self.bar is not None else print)(msg)

@@ -29,7 +29,8 @@ def generate(engines: list, rows: list[dict], n: int, timeout_s: float, greedy: 
         raise TimeoutError(f"engines did not generate {len(rows)} x {n} samples within {timeout_s}s") from None
 
 
-def _prompt_text(row: dict) -> str:
+def prompt_text(row: dict) -> str:
+    """The last user turn of a task row: what a reward sees as the prompt."""
     return next((m["content"] for m in reversed(row["messages"]) if m["role"] == "user"), "")
 
 
@@ -43,7 +44,7 @@ def score(pool, rollouts: pa.Table, rows: list[dict]) -> tuple[pa.Table, dict]:
     samples = []
     for pid, g, text, ids, offsets in zip(*cols.values()):
         row = rows[g]
-        samples.append({"id": pid, "prompt": _prompt_text(row), "completion": text, "answer": row["answer"],
+        samples.append({"id": pid, "prompt": prompt_text(row), "completion": text, "answer": row["answer"],
                         "metadata": {**row.get("metadata", {}), "token_offsets": offsets},
                         "completion_token_ids": ids})
     out = pool.score(samples)

@@ -9,7 +9,6 @@ Prompts go to the engines in chunks: the bar shows progress, and only per-prompt
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from collections import Counter
@@ -25,6 +24,7 @@ from rewards.tasks import make_task
 from . import phases
 from .config import Config
 from .evaluate import serving, solved_counts
+from .metrics import atomic_write
 
 
 def in_band(rate: float, low: float, high: float, inclusive_low: bool = False, inclusive_high: bool = False) -> bool:
@@ -44,7 +44,7 @@ def export_row(tc: TaskConfig, row: dict, pass_rate: float) -> dict:
     raw = meta.pop("answer", row["answer"])  # dataset tasks keep the answer text before answer_after
     msgs = row["messages"]
     out = {(tc.id_field or "id"): row["id"],
-           tc.prompt_field: next(m["content"] for m in reversed(msgs) if m["role"] == "user")}
+           tc.prompt_field: phases.prompt_text(row)}
     if tc.answer_field is not None:
         out[tc.answer_field] = _plain(raw)
     system = next((m["content"] for m in msgs if m["role"] == "system"), None)
@@ -53,12 +53,6 @@ def export_row(tc: TaskConfig, row: dict, pass_rate: float) -> dict:
     out.update({k: meta[k] for k in tc.metadata_fields if k in meta})
     out.setdefault("pass_rate", pass_rate)
     return out
-
-
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def _answer_column(rows: list[dict]) -> pa.Array:
@@ -103,17 +97,16 @@ def prune(cfg: Config, model_path: str, out: Path, samples: int, low: float = 0.
 
     table = pa.table({
         "prompt_id": pa.array([r["id"] for r in rows], pa.string()),
-        "prompt": pa.array([next(m["content"] for m in reversed(r["messages"]) if m["role"] == "user")
-                            for r in rows], pa.string()),
+        "prompt": pa.array([phases.prompt_text(r) for r in rows], pa.string()),
         "answer": _answer_column(rows),
         "n": pa.array([samples] * len(rows), pa.int32()),
         "correct": pa.array(counts, pa.int32()),
         "pass_rate": pa.array(rates, pa.float64()),
         "kept": pa.array(kept, pa.bool_()),
     })
-    _atomic(out / "pass_rates.parquet", lambda p: pq.write_table(table, p))
+    atomic_write(out / "pass_rates.parquet", lambda p: pq.write_table(table, p))
     lines = [json.dumps(export_row(task.cfg, r, rate)) + "\n" for r, rate, k in zip(rows, rates, kept) if k]
-    _atomic(out / "kept.jsonl", lambda p: p.write_text("".join(lines)))
+    atomic_write(out / "kept.jsonl", lambda p: p.write_text("".join(lines)))
 
     hist = Counter(counts)
     report = {
@@ -130,5 +123,5 @@ def prune(cfg: Config, model_path: str, out: Path, samples: int, low: float = 0.
         "time_startup_s": round(ready - started, 1), "wall_time_s": round(time.monotonic() - started, 1),
         "files": {name: str(out / name) for name in ("pass_rates.parquet", "kept.jsonl", "report.json")},
     }
-    _atomic(out / "report.json", lambda p: p.write_text(json.dumps(report, indent=2) + "\n"))
+    atomic_write(out / "report.json", lambda p: p.write_text(json.dumps(report, indent=2) + "\n"))
     return report

@@ -119,8 +119,9 @@ class RewardWorker:
         out = {}
         if self.procs:
             k = len(self.per_sample)
-            res = self.procs.run([(j, s["prompt"], s["completion"], scorer_metadata(s))
-                                  for s in samples for j in range(k)], deadline)
+            metas = [scorer_metadata(s) for s in samples]  # once per sample, shared by its components
+            res = self.procs.run([(j, s["prompt"], s["completion"], meta)
+                                  for s, meta in zip(samples, metas) for j in range(k)], deadline)
             out = {spec["key"]: res[j::k] for j, spec in enumerate(self.per_sample)}
         for s in self.batched:
             out[s["key"]] = _batch_results(jobs[s["key"]], samples, deadline)

@@ -1,8 +1,9 @@
 """Tasks: where prompts come from and how a completion is scored.
 
 A task row is a plain dict {"id", "messages", "answer", "metadata"}; it crosses to engines and
-reward workers as data. The engine applies the model's chat template to "messages". `score` is a
-pure function of (completion text, answer) so reward workers can run it anywhere.
+reward workers as data. The engine applies the model's chat template to "messages". Rewards are
+scored by the reward pool (rewards/builtin.py, DEFAULT_REWARD below); `Task.score` is the task's own
+quick check, kept for tests and scripts.
 
 The training order is a deterministic shuffle per epoch from the seed; `state()` / `load_state()`
 carry the data cursor through a checkpoint so a resumed run continues with exactly the next prompt.
