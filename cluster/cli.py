@@ -16,10 +16,12 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="groupflow", description="GRPO on Ray: vLLM rollouts, reward "
                                 "workers, a DeepSpeed ZeRO-3 learner, NCCL/gloo weight sync.")
     sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="run GRPO training", description=(
-        "Train with GRPO. With no --config, runs the embedded default (SmolLM2-135M-Instruct on the "
-        "arithmetic task; deploy/configs/default.yaml writes it out). KEY=VALUE overrides any field, "
-        "for example trainer.steps=20 learner.lr=5e-6."))
+    t = sub.add_parser("train", help="run GRPO (or dr_grpo, rloo, ppo) training", description=(
+        "Train with GRPO, or the objective algorithm.name picks (grpo, dr_grpo, rloo, ppo; every option: "
+        "`groupflow config --describe`, docs/algorithms.md). With no --config, runs the embedded default "
+        "(SmolLM2-135M-Instruct on the arithmetic task; deploy/configs/default.yaml writes it out). "
+        "KEY=VALUE overrides any field, for example trainer.steps=20 learner.lr=5e-6 "
+        "trainer.resume_from=RUN/checkpoints/step_000010."))
     t.add_argument("--config", help="a YAML config (see deploy/configs/)")
     t.add_argument("--run-dir", help="where to write metrics, rollouts and checkpoints (default: runs/<time>)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
