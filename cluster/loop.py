@@ -11,12 +11,12 @@ from .config import Config, ConfigError, dump_config
 from .evaluate import eval_metrics
 from .metrics import RunLog
 from .placement import create_roles, start_ray
+from .precision import resolve_precision
 from .prepare import starting_point
 
 
 def train(cfg: Config, run_dir: Path, progress: bool = True) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(dump_config(cfg))
     begin = starting_point(cfg, run_dir)
     task = make_task(cfg.rewards.task, cfg.trainer.seed, tokenizer_path=begin.policy)
     if begin.data_state is not None:
@@ -25,6 +25,8 @@ def train(cfg: Config, run_dir: Path, progress: bool = True) -> dict:
         except ValueError as e:  # a cursor taken on other data or with another seed
             raise ConfigError(f"trainer.resume_from: {e}") from None
     start_ray(cfg.run, cfg.cpus_needed)
+    cfg = resolve_precision(cfg)  # `auto` dtypes become what the hardware computes natively
+    (run_dir / "config.yaml").write_text(dump_config(cfg))
     roles = create_roles(cfg, str(begin.policy), str(begin.reference))
     log = RunLog(run_dir, cfg.trainer.steps - begin.first_step + 1, progress)
     T, P, G, R = cfg.run.timeout_s, cfg.trainer.prompts_per_step, cfg.trainer.group_size, cfg.learner.num_ranks

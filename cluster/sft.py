@@ -99,10 +99,10 @@ def sft(cfg: SFTConfig, run_dir: Path, progress: bool = True) -> dict:
 
     from .metrics import RunLog
     from .placement import start_ray
+    from .precision import resolve_precision
     from .prepare import prepare_model
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(dump_config(cfg))
     model_path = str(prepare_model(cfg.model, run_dir, cfg.trainer.seed))
     rows, skipped = tokenize(cfg.data, model_path)
     B, R = cfg.trainer.batch_size, cfg.learner.num_ranks
@@ -112,6 +112,8 @@ def sft(cfg: SFTConfig, run_dir: Path, progress: bool = True) -> dict:
     steps = per_epoch * cfg.trainer.epochs
     steps = min(steps, cfg.trainer.max_steps or steps)
     start_ray(cfg.run, R * cfg.learner.cpus_per_rank)
+    cfg = resolve_precision(cfg)
+    (run_dir / "config.yaml").write_text(dump_config(cfg))
     learner = LearnerGroup(cfg.learner, AlgorithmConfig(), model_path, B // R, 1.0, 1, [{}] * R,
                            cfg.run.timeout_s, mode="sft")
     log = RunLog(run_dir, steps, progress, desc="sft", postfix={"loss": "loss", "tok_s": "tokens_per_s"})

@@ -79,7 +79,7 @@ class LearnerActor:
         for e in self.engines.values():
             e.eval()
         self._prep, stats, kl_sums = rl.prepare(self.engines, shard, self.algo, self.temperature, self.micro,
-                                                self.pad_id, self.device)
+                                                self.pad_id, self.device, self.cfg.shared_prefix)
         return {"stats": stats, "kl_sum": kl_sums, "time_s": time.monotonic() - start}
 
     def train(self, shard: dict) -> dict:
@@ -88,7 +88,8 @@ class LearnerActor:
             raise RuntimeError("train() before prepare(): the learner has no pi_old for this batch")
         start = time.monotonic()
         metrics = rl.train(self.engines, shard, self._prep, self.algo, self.cfg.epochs, self.cfg.minibatches,
-                           self.temperature, self.micro, self.pad_id, self.max_new_tokens, self.device)
+                           self.temperature, self.micro, self.pad_id, self.max_new_tokens, self.device,
+                           self.cfg.shared_prefix)
         self._prep = None
         grad_norm = self.engine.get_global_grad_norm()
         metrics.update(grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
@@ -97,7 +98,8 @@ class LearnerActor:
 
     def sft_train(self, shard: dict) -> dict:
         start = time.monotonic()
-        metrics = rl.sft_train(self.engine, shard, self.cfg.minibatches, self.micro, self.pad_id, self.device)
+        metrics = rl.sft_train(self.engine, shard, self.cfg.minibatches, self.micro, self.pad_id, self.device,
+                               self.cfg.shared_prefix)
         metrics.update(lr=float(self.engine.get_lr()[0]), time_learner_s=time.monotonic() - start)
         return metrics
 

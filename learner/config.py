@@ -10,7 +10,9 @@ class LearnerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     num_ranks: int = Field(1, ge=1, description="learner actors, one DeepSpeed rank each")
     device: Literal["cpu", "cuda"] = "cpu"
-    dtype: Literal["float32", "bfloat16"] = Field("bfloat16", description="compute dtype; master weights stay fp32")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="compute dtype (master weights stay fp32); auto: bfloat16 where the device "
+        "computes it natively, else float32")
     zero_stage: Literal[0, 1, 2, 3] = 3
     lr: float = Field(1e-5, gt=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -21,6 +23,8 @@ class LearnerConfig(BaseModel):
     minibatches: int = Field(2, ge=1, description="optimizer updates per rollout batch and epoch")
     epochs: int = Field(1, ge=1, description="passes over each rollout batch")
     gradient_checkpointing: bool = False
+    shared_prefix: bool = Field(True, description="compute a group's prompt once for all its samples in a "
+                                "micro-batch (exact: same logprobs and gradients, fewer tokens)")
     cpus_per_rank: float = Field(1.0, gt=0, description="Ray CPUs reserved per rank")
     threads: int = Field(0, ge=0, description="CPU: torch threads per rank (0: cores / ranks)")
 

@@ -14,6 +14,8 @@ def micro_size(cfg: LearnerConfig, local_batch: int) -> int:
 
 
 def ds_config(cfg: LearnerConfig, world_size: int, local_batch: int, train: bool, lr: float | None = None) -> dict:
+    if cfg.dtype == "auto":  # the driver resolves it for the hardware (cluster/precision.py)
+        raise ValueError("learner.dtype=auto reached a learner rank unresolved")
     micro = micro_size(cfg, local_batch)
     conf = {
         "train_micro_batch_size_per_gpu": micro,
@@ -61,8 +63,10 @@ class ValueModel(torch.nn.Module):
         torch.nn.init.zeros_(self.value_head.weight)  # V = 0 at the start: no spurious advantages
         torch.nn.init.zeros_(self.value_head.bias)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
+                               position_ids=position_ids).last_hidden_state
         return self.value_head(hidden).squeeze(-1).float()  # [B, L]
 
 

@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from .algorithms import (AGGREGATIONS, KL_ESTIMATORS, aggregation_units, entropy, entropy_from_logits, grpo_loss, masked_mean,
                          tis_weights, token_logprobs)
-from .batch import Micro, completion_logits, gather_positions, make_micro, stack_padded
+from .batch import Micro, completion_logits, make_micro, make_packed_micro, stack_padded
 from .config import AlgorithmConfig
 from .divergences import exact_divergences, per_token_divergence
 from .ppo_math import gae, kl_shaped_rewards, masked_whiten, value_loss
@@ -28,10 +28,34 @@ class Prepared:
     keep: dict[int, float] = field(default_factory=dict)  # 0: masked out (overlong masking)
 
 
-def micros(shard: dict, order: list[int], size: int, pad_id: int, device) -> list[Micro]:
-    return [make_micro([shard["prompt_token_ids"][i] for i in order[k: k + size]],
-                       [shard["completion_token_ids"][i] for i in order[k: k + size]],
-                       order[k: k + size], pad_id).to(device)
+def prompt_runs(shard: dict, order: list[int]) -> list[list[int]]:
+    """`order` cut into runs of consecutive samples with the same prompt (a group, or its part)."""
+    runs: list[list[int]] = []
+    for i in order:
+        if runs and shard["prompt_token_ids"][runs[-1][0]] == shard["prompt_token_ids"][i]:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return runs
+
+
+def length_sorted(shard: dict, order: list[int]) -> list[int]:
+    """The same samples, a group's kept together, shortest packed group first and each group's
+    samples by length: micro-batches cut from it hold rows of similar length, so little padding."""
+    comp = shard["completion_token_ids"]
+    runs = [sorted(r, key=lambda i: len(comp[i])) for r in prompt_runs(shard, order)]
+    runs.sort(key=lambda r: len(shard["prompt_token_ids"][r[0]]) + sum(len(comp[i]) for i in r))
+    return [i for r in runs for i in r]
+
+
+def micros(shard: dict, order: list[int], size: int, pad_id: int, device, shared_prefix: bool) -> list[Micro]:
+    """Micro-batches of `size` samples (DeepSpeed counts them to its accumulation boundary); with
+    shared_prefix, a group's prompt is computed once per micro-batch for all its samples there."""
+    order = length_sorted(shard, order)
+    make = make_packed_micro if shared_prefix else make_micro
+    return [make([shard["prompt_token_ids"][i] for i in order[k: k + size]],
+                 [shard["completion_token_ids"][i] for i in order[k: k + size]],
+                 order[k: k + size], pad_id).to(device)
             for k in range(0, len(order), size)]
 
 
@@ -58,13 +82,13 @@ def _mask(mb: Micro, prep: Prepared) -> torch.Tensor:
 
 @torch.no_grad()
 def prepare(engines: dict, shard: dict, algo: AlgorithmConfig, temperature: float, size: int,
-            pad_id: int, device) -> tuple[Prepared, dict, list[float]]:
+            pad_id: int, device, shared_prefix: bool = True) -> tuple[Prepared, dict, list[float]]:
     """pi_old / pi_ref logprobs, old values, the logged divergences, and each sample's summed KL."""
     prep = Prepared()
     n = len(shard["completion_token_ids"])
     sums: dict[str, float] = defaultdict(float)
     tokens, kl_sums = 0.0, [0.0] * n
-    for mb in micros(shard, list(range(n)), size, pad_id, device):
+    for mb in micros(shard, list(range(n)), size, pad_id, device, shared_prefix):
         sel = completion_logits(engines["policy"], mb, temperature)
         old = token_logprobs(sel, mb.comp_ids)
         ref_sel = completion_logits(engines["ref"], mb, temperature)
@@ -82,7 +106,7 @@ def prepare(engines: dict, shard: dict, algo: AlgorithmConfig, temperature: floa
             for k, v in exact_divergences(sel, ref_sel, ones, algo.divergence_chunk).items():
                 sums[k] += float(v) * w
         del sel, ref_sel
-        values = gather_positions(engines["critic"](mb.input_ids, mb.attention), mb) if "critic" in engines else None
+        values = mb.gather(engines["critic"](**mb.inputs())) if "critic" in engines else None
         for j, i in enumerate(mb.rows):
             c = len(shard["completion_token_ids"][i])
             prep.old[i], prep.ref[i] = old[j, :c].float(), ref[j, :c].float()
@@ -126,7 +150,7 @@ def _advantages(mb: Micro, shard: dict, token_adv: dict | None, C: int, device) 
 
 
 def train(engines: dict, shard: dict, prep: Prepared, algo: AlgorithmConfig, epochs: int, minibatches: int,
-          temperature: float, size: int, pad_id: int, norm_len: int, device) -> dict:
+          temperature: float, size: int, pad_id: int, norm_len: int, device, shared_prefix: bool = True) -> dict:
     """epochs x minibatches optimizer steps of the clipped objective (and the critic for ppo)."""
     policy, ref, critic = engines["policy"], engines.get("ref"), engines.get("critic")
     n = len(shard["completion_token_ids"])
@@ -142,9 +166,11 @@ def train(engines: dict, shard: dict, prep: Prepared, algo: AlgorithmConfig, epo
         if engine is not None:
             engine.train()
     for _ in range(epochs):
-        perm = torch.randperm(n, generator=g).tolist()
+        # groups are shuffled whole, so a minibatch holds whole groups and their prompts are shared
+        runs = prompt_runs(shard, list(range(n)))
+        perm = [i for j in torch.randperm(len(runs), generator=g).tolist() for i in runs[j]]
         for k in range(minibatches):
-            batch = micros(shard, perm[k * per_mb: (k + 1) * per_mb], size, pad_id, device)
+            batch = micros(shard, perm[k * per_mb: (k + 1) * per_mb], size, pad_id, device, shared_prefix)
             denom = accumulation_denom(sum(aggregation_units(algo.aggregation, _mask(mb, prep)) for mb in batch),
                                        len(batch), device)
             for mb in batch:
@@ -178,7 +204,7 @@ def train(engines: dict, shard: dict, prep: Prepared, algo: AlgorithmConfig, epo
                     if key in stats:
                         sums[key] += float(stats[key])
                 if critic is not None:
-                    v = gather_positions(critic(mb.input_ids, mb.attention), mb)
+                    v = mb.gather(critic(**mb.inputs()))
                     vloss, vstats = value_loss(v, stack_padded([prep.values[i] for i in mb.rows], C),
                                                stack_padded([returns[i] for i in mb.rows], C), mask,
                                                algo.ppo.value_clip)
@@ -191,14 +217,15 @@ def train(engines: dict, shard: dict, prep: Prepared, algo: AlgorithmConfig, epo
     return {k: v / max(1, count) for k, v in sums.items()}
 
 
-def sft_train(policy, shard: dict, minibatches: int, size: int, pad_id: int, device) -> dict:
+def sft_train(policy, shard: dict, minibatches: int, size: int, pad_id: int, device,
+              shared_prefix: bool = True) -> dict:
     """One pass of supervised fine-tuning: token-mean NLL of the responses (prompt tokens masked)."""
     n = len(shard["completion_token_ids"])
     per_mb = n // minibatches
     policy.train()
     total, count = 0.0, 0
     for k in range(minibatches):
-        batch = micros(shard, list(range(k * per_mb, (k + 1) * per_mb)), size, pad_id, device)
+        batch = micros(shard, list(range(k * per_mb, (k + 1) * per_mb)), size, pad_id, device, shared_prefix)
         # every response token of the minibatch weighs the same
         denom = accumulation_denom(sum(aggregation_units("token-mean", mb.comp_mask) for mb in batch),
                                    len(batch), device)

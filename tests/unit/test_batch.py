@@ -1,9 +1,10 @@
 """Padding, positions and completion logprobs against a plain full forward of a tiny model."""
+import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from learner.algorithms import entropy_from_logits, token_logprobs
-from learner.batch import completion_logits, make_micro, stack_padded
+from learner.batch import completion_logits, make_micro, make_packed_micro, stack_padded
 
 
 def tiny_model():
@@ -17,7 +18,7 @@ def test_make_micro_positions():
     mb = make_micro([[1, 2, 3], [4]], [[5, 6], [7, 8, 9]], rows=[0, 1], pad_id=0)
     assert mb.input_ids.tolist() == [[1, 2, 3, 5, 6], [4, 7, 8, 9, 0]]
     assert mb.attention.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
-    assert mb.comp_index.tolist() == [[2, 3, 0], [0, 1, 2]]
+    assert mb.comp_index.tolist() == [[2, 3, 0], [0, 1, 2]] and mb.comp_row.tolist() == [0, 1]
     assert mb.comp_mask.tolist() == [[1, 1, 0], [1, 1, 1]]
 
 
@@ -51,3 +52,42 @@ def test_temperature_scales_logits():
 def test_stack_padded():
     got = stack_padded([torch.tensor([1.0]), torch.tensor([2.0, 3.0, 4.0])], 2)
     assert got.tolist() == [[1.0, 0.0], [2.0, 3.0]]
+
+
+def _logprobs_and_grads(model, make, prompts, comps, weights):
+    model.zero_grad()
+    mb = make(prompts, comps, list(range(len(prompts))), 0)
+    logp = token_logprobs(completion_logits(model, mb, temperature=0.7), mb.comp_ids) * mb.comp_mask
+    (logp * weights[:, : logp.size(1)]).sum().backward()  # a loss that weighs every token differently
+    return logp.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("group_sizes", [(1,), (2, 3), (4, 1, 5), (8, 8)])
+def test_shared_prefix_equals_unshared_logprobs_and_gradients(group_sizes):
+    """A group's prompt computed once for all its samples gives the logprobs and the parameter
+    gradients of computing it once per sample: ragged prompts and completions, an empty completion."""
+    model = tiny_model().train()
+    g = torch.Generator().manual_seed(sum(group_sizes))
+    prompts, comps = [], []
+    for k in group_sizes:
+        prompt = torch.randint(1, 50, (int(torch.randint(1, 7, (1,), generator=g)),), generator=g).tolist()
+        for _ in range(k):
+            n = int(torch.randint(0, 9, (1,), generator=g))
+            prompts.append(prompt)
+            comps.append(torch.randint(1, 50, (n,), generator=g).tolist())
+    weights = torch.randn(len(prompts), 9, generator=g)
+    want, want_grads = _logprobs_and_grads(model, make_micro, prompts, comps, weights)
+    got, got_grads = _logprobs_and_grads(model, make_packed_micro, prompts, comps, weights)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_packed_layout_one_row_per_prompt():
+    mb = make_packed_micro([[1, 2], [1, 2], [3]], [[5, 6], [7], [8, 9]], rows=[0, 1, 2], pad_id=0)
+    assert mb.input_ids.tolist() == [[1, 2, 5, 6, 7], [3, 8, 9, 0, 0]]
+    assert mb.position_ids.tolist()[0] == [0, 1, 2, 3, 2]  # the second completion starts after the prompt
+    assert mb.comp_row.tolist() == [0, 0, 1]
+    assert mb.comp_index.tolist() == [[1, 2], [1, 0], [0, 1]]
+    attend = mb.attention[0, 0].int().tolist()
+    assert attend[4] == [1, 1, 0, 0, 1]  # completion 2 sees the prompt and itself, not completion 1
