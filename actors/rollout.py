@@ -60,6 +60,10 @@ class RolloutActor:
                          backend: str, timeout_s: float) -> list[int]:
         return self.engine.init_weight_sync(host, port, rank_offset, world_size, backend, timeout_s)
 
+    def raw_receive(self, numel: int, dtype: str) -> None:
+        """Benchmark floor: receive one flat buffer over the weight-sync group, load nothing."""
+        self.engine.raw_receive(numel, dtype)
+
     def load_weights(self, plan, version: int) -> int:
         start = time.monotonic()
         self.engine.load_weights(plan)

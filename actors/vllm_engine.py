@@ -80,6 +80,9 @@ class VLLMEngine:
         return self.llm.collective_rpc("gf_init_sync",
                                        args=(host, port, rank_offset, world_size, backend, timeout_s))
 
+    def raw_receive(self, numel: int, dtype: str) -> None:
+        self.llm.collective_rpc("gf_raw_receive", args=(numel, dtype))
+
     def load_weights(self, plan) -> None:
         self.llm.collective_rpc("gf_receive", args=(plan,))
         # Cached prefixes were computed with the old weights.

@@ -12,6 +12,20 @@ from .metrics import read_metrics
 PHASES = ("generate", "reward", "train", "sync")
 
 
+def machine_info() -> dict:
+    """What every benchmark report says it ran on: figures differ ~57x in bf16 between CPU kinds."""
+    import torch
+
+    name = platform.processor()
+    try:
+        name = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpus": os.cpu_count(), "python": platform.python_version(), "cpu": name,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "native_bf16": bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())}
+
+
 def phase_shares(rows: list[dict]) -> dict:
     total = sum(r["time_step_s"] for r in rows)
     return {p: sum(r[f"time_{p}_s"] for r in rows) / total for p in PHASES}
@@ -23,7 +37,7 @@ def train_report(cfg: Config, run_dir: Path) -> dict:
     summary = train(cfg, run_dir, progress=True)
     rows = read_metrics(run_dir)
     return {
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "machine": machine_info(),
         "wall_time_s": summary["wall_time_s"],
         "eval_accuracy_start": summary.get("eval_accuracy_start"),
         "eval_accuracy_end": summary.get("eval_accuracy_end"),
@@ -36,20 +50,26 @@ def train_report(cfg: Config, run_dir: Path) -> dict:
     }
 
 
-def synthetic_batch(cfg: Config, vocab: int, seed: int):
-    """A rollout-shaped table of random tokens and 0/1 rewards: the learner's input without engines."""
+def synthetic_batch(cfg: Config, vocab: int, seed: int, ragged: bool = False):
+    """A rollout-shaped table of random tokens and 0/1 rewards: the learner's input without engines.
+    ragged: prompts of 32-64 tokens and completions of C/4..C tokens, as real batches have."""
     import pyarrow as pa
     import torch
 
     g = torch.Generator().manual_seed(seed)
     P, G, C = cfg.trainer.prompts_per_step, cfg.trainer.group_size, cfg.engines.max_new_tokens
     n = P * G
-    prompts = [torch.randint(0, vocab, (48,), generator=g).tolist() for _ in range(P)]
+
+    def length(low: int, high: int) -> int:
+        return int(torch.randint(low, high + 1, (1,), generator=g)) if ragged else high
+
+    prompts = [torch.randint(0, vocab, (length(32, 64) if ragged else 48,), generator=g).tolist() for _ in range(P)]
+    comps = [torch.randint(0, vocab, (length(max(1, C // 4), C),), generator=g).tolist() for _ in range(n)]
     return pa.table({
         "group_id": pa.array([i // G for i in range(n)], pa.int32()),
         "prompt_token_ids": [prompts[i // G] for i in range(n)],
-        "completion_token_ids": [torch.randint(0, vocab, (C,), generator=g).tolist() for _ in range(n)],
-        "logprobs": [[0.0] * C for _ in range(n)],
+        "completion_token_ids": comps,
+        "logprobs": [[0.0] * len(c) for c in comps],
         "finish_reason": ["stop"] * n,
         "reward": pa.array(torch.randint(0, 2, (n,), generator=g).float().tolist(), pa.float32()),
     })
@@ -95,7 +115,7 @@ def memory_report(cfg: Config, run_dir: Path, steps: int = 3) -> dict:
             results[name]["peak_cuda_mib_total"] = sum(p["peak_cuda_mib"] for p in peaks)
     key = "peak_cuda_mib_total" if "peak_cuda_mib_total" in results["grpo"] else "peak_rss_mib_total"
     return {
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "machine": machine_info(),
         "model": cfg.model.path if cfg.model.random_init is None else "tiny-random",
         "learner": {"ranks": R, "zero_stage": cfg.learner.zero_stage, "dtype": cfg.learner.dtype,
                     "batch": cfg.trainer.prompts_per_step * cfg.trainer.group_size,

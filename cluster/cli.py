@@ -79,6 +79,19 @@ def _parser() -> argparse.ArgumentParser:
     bm.add_argument("--steps", type=int, default=3, help="training steps per algorithm")
     bm.add_argument("--json", help="also write the report here")
     bm.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    for name, helptext, count, default, what in (
+            ("learner", "learner tokens/s with each optimization on and off, and FLOP/s against a plain "
+             "matrix product", "--steps", 3, "steps per variant; the first is a warm-up"),
+            ("rollout", "tokens/s of groupflow's rollout actors against a standalone vLLM engine",
+             "--rounds", 3, "timed generation rounds of each"),
+            ("sync", "groupflow's weight push against a raw broadcast of the same bytes, and a bucket-size "
+             "sweep", "--repeats", 5, "timed pushes of each")):
+        sp = bsub.add_parser(name, help=helptext)
+        sp.add_argument("--config")
+        sp.add_argument("--run-dir")
+        sp.add_argument(count, dest="count", type=_positive, default=default, help=what)
+        sp.add_argument("--json", help="also write the report here")
+        sp.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     return p
 
 
@@ -145,19 +158,51 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(summary, indent=2))
         return 0
     from . import bench
-    if args.bench == "memory":
+    if args.bench == "train":
+        report = bench.train_report(cfg, run_dir)
+    else:
         import ray
+
+        from .bench_engines import rollout_report, sync_report
+        from .bench_learner import learner_report
+        run = {"memory": bench.memory_report, "learner": learner_report, "rollout": rollout_report,
+               "sync": sync_report}[args.bench]
         try:
-            report = bench.memory_report(cfg, run_dir, args.steps)
+            report = run(cfg, run_dir, args.steps if args.bench == "memory" else args.count)
         finally:
             ray.shutdown()
-    else:
-        report = bench.train_report(cfg, run_dir)
     text = json.dumps(report, indent=2)
     print(text)
+    if args.bench == "learner":
+        print(_learner_table(report))
+    elif args.bench in ("rollout", "sync"):
+        print(_ratio_table(args.bench, report))
     if args.json:
         Path(args.json).write_text(text + "\n")
     return 0
+
+
+def _learner_table(report: dict) -> str:
+    lines = [f"{'variant':34} {'prepare tok/s':>13} {'update tok/s':>12} {'learner tok/s':>13} {'speedup':>7} "
+             f"{'step-1 diff':>11}"]
+    for name, r in report["variants"].items():
+        lines.append(f"{name:34} {r['prepare_tokens_per_s']:13.0f} {r['update_tokens_per_s']:12.0f} "
+                     f"{r['learner_tokens_per_s']:13.0f} {r['speedup']:7.2f} {r['step1_max_abs_diff_vs_baseline']:11.2e}")
+    f = report["baseline_fraction_of_matmul"]
+    lines.append(f"baseline FLOP/s as a fraction of a {report['learner']['dtype']} matmul "
+                 f"({report['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s): prepare {f['prepare']:.2f}, update {f['update']:.2f}")
+    return "\n".join(lines)
+
+
+def _ratio_table(which: str, r: dict) -> str:
+    if which == "rollout":
+        return (f"{'standalone vLLM tok/s':>22} {'groupflow tok/s':>16} {'ratio':>6}\n"
+                f"{r['standalone_tokens_per_s']:22.1f} {r['groupflow_tokens_per_s']:16.1f} {r['ratio']:6.3f}")
+    lines = [f"{'raw broadcast s':>16} {'groupflow push s':>17} {'ratio':>6}",
+             f"{r['raw_broadcast_s_median']:16.3f} {r['push_s_median']:17.3f} {r['ratio']:6.3f}",
+             f"{'bucket MiB':>10} {'buckets':>8} {'push s':>8}"]
+    lines += [f"{mb:>10} {v['buckets']:8d} {v['push_s_median']:8.3f}" for mb, v in r["bucket_sweep"].items()]
+    return "\n".join(lines)
 
 
 def _eval_or_prune(args, cfg: Config) -> int:

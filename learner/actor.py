@@ -74,16 +74,21 @@ class LearnerActor:
 
     # ---- training -------------------------------------------------------------------------
     def prepare(self, shard: dict) -> dict:
-        """Score a rollout shard under pi_old and pi_ref (and the critic) before any update."""
+        """Score a rollout shard under pi_old and pi_ref (and the critic) before any update; rows whose
+        update computes pi_old itself (the first minibatch) are left to `train`."""
         start = time.monotonic()
         for e in self.engines.values():
             e.eval()
-        self._prep, stats, kl_sums = rl.prepare(self.engines, shard, self.algo, self.temperature, self.micro,
-                                                self.pad_id, self.device, self.cfg.shared_prefix)
-        return {"stats": stats, "kl_sum": kl_sums, "time_s": time.monotonic() - start}
+        skip = []
+        if self.cfg.reuse_policy_logprobs and rl.reuses_policy(self.algo):
+            skip = rl.minibatch_orders(shard, self.cfg.epochs, self.cfg.minibatches)[0][0]
+        self._prep, kl_sums = rl.prepare(self.engines, shard, self.algo, self.temperature, self.micro,
+                                         self.pad_id, self.device, self.cfg.shared_prefix, skip)
+        return {"kl_sum": kl_sums, "time_s": time.monotonic() - start}
 
     def train(self, shard: dict) -> dict:
-        """epochs x minibatches updates on the shard `prepare` saw, now with its advantages."""
+        """epochs x minibatches updates on the shard `prepare` saw, now with its advantages; returns
+        the update's metrics and, under "scored", the statistics of pi_old and pi_ref."""
         if self._prep is None:
             raise RuntimeError("train() before prepare(): the learner has no pi_old for this batch")
         start = time.monotonic()
@@ -136,6 +141,11 @@ class LearnerActor:
                 if self.rank == 0:
                     self._transport.broadcast(pack(group, DTYPES[plan.dtype], self.device))
         return time.monotonic() - start
+
+    def raw_broadcast(self, numel: int, dtype: str) -> None:
+        """Benchmark floor: one flat buffer of `numel` elements over the weight-sync group."""
+        from cluster.sync.base import DTYPES
+        self._transport.broadcast(torch.zeros(numel, dtype=DTYPES[dtype], device=self.device))
 
     def save_checkpoint(self, path: str, trainer_state: dict | None = None) -> str | None:
         """HF safetensors + tokenizer (+ trainer_state.json: step, data cursor), written to a temp dir

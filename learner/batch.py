@@ -114,6 +114,37 @@ def completion_logits(model, micro: Micro, temperature: float = 1.0) -> torch.Te
     return sel / temperature if temperature != 1.0 else sel
 
 
+def prompt_runs(shard: dict, order: list[int]) -> list[list[int]]:
+    """`order` cut into runs of consecutive samples with the same prompt (a group, or its part)."""
+    runs: list[list[int]] = []
+    for i in order:
+        if runs and shard["prompt_token_ids"][runs[-1][0]] == shard["prompt_token_ids"][i]:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return runs
+
+
+def length_sorted(shard: dict, order: list[int]) -> list[int]:
+    """The same samples, a group's kept together, shortest packed group first and each group's
+    samples by length: micro-batches cut from it hold rows of similar length, so little padding."""
+    comp = shard["completion_token_ids"]
+    runs = [sorted(r, key=lambda i: len(comp[i])) for r in prompt_runs(shard, order)]
+    runs.sort(key=lambda r: len(shard["prompt_token_ids"][r[0]]) + sum(len(comp[i]) for i in r))
+    return [i for r in runs for i in r]
+
+
+def micros(shard: dict, order: list[int], size: int, pad_id: int, device, shared_prefix: bool) -> list[Micro]:
+    """Micro-batches of `size` samples (DeepSpeed counts them to its accumulation boundary); with
+    shared_prefix, a group's prompt is computed once per micro-batch for all its samples there."""
+    order = length_sorted(shard, order)
+    make = make_packed_micro if shared_prefix else make_micro
+    return [make([shard["prompt_token_ids"][i] for i in order[k: k + size]],
+                 [shard["completion_token_ids"][i] for i in order[k: k + size]],
+                 order[k: k + size], pad_id).to(device)
+            for k in range(0, len(order), size)]
+
+
 def stack_padded(rows: list[torch.Tensor], width: int) -> torch.Tensor:
     """Per-sample [C_i] tensors to one [B, width], zero-padded (the mask hides the padding)."""
     return torch.stack([torch.nn.functional.pad(r, (0, width - r.numel()))[:width] for r in rows])

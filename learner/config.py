@@ -25,6 +25,9 @@ class LearnerConfig(BaseModel):
     gradient_checkpointing: bool = False
     shared_prefix: bool = Field(True, description="compute a group's prompt once for all its samples in a "
                                 "micro-batch (exact: same logprobs and gradients, fewer tokens)")
+    reuse_policy_logprobs: bool = Field(
+        True, description="no pi_old pass for the first minibatch of the first epoch, where the ratio is 1 by "
+        "construction: pi_old is the update's own forward, detached (not with kl_in=reward or ppo)")
     cpus_per_rank: float = Field(1.0, gt=0, description="Ray CPUs reserved per rank")
     threads: int = Field(0, ge=0, description="CPU: torch threads per rank (0: cores / ranks)")
 
@@ -102,6 +105,10 @@ class AlgorithmConfig(BaseModel):
     dynamic_sampling: DynamicSamplingConfig = Field(default_factory=DynamicSamplingConfig)
     overlong: OverlongConfig = Field(default_factory=OverlongConfig)
     ppo: PPOConfig = Field(default_factory=PPOConfig)
+
+    @property
+    def uses_critic(self) -> bool:
+        return self.name == "ppo"
 
     @property
     def baseline(self) -> str:

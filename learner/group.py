@@ -18,6 +18,15 @@ def _rank_mean(results: list[dict]) -> dict:
     return {k: sum(r[k] for r in results) / len(results) for k in results[0]}
 
 
+def _token_mean(stats: list[dict]) -> dict:
+    tokens = sum(s["tokens"] for s in stats)
+    keys = [k for k in stats[0] if k not in ("tokens", "logprob_abs_diff_sum", "logprob_tokens")]
+    merged = {k: sum(s[k] * s["tokens"] for s in stats) / max(tokens, 1.0) for k in keys}
+    diff_n = sum(s["logprob_tokens"] for s in stats)
+    merged["logprob_abs_diff_mean"] = sum(s["logprob_abs_diff_sum"] for s in stats) / max(1, diff_n)
+    return merged
+
+
 class LearnerGroup:
     def __init__(self, cfg: LearnerConfig, algo: AlgorithmConfig, model_path: str, local_batch: int,
                  temperature: float, max_new_tokens: int, actor_options: list[dict], timeout_s: float,
@@ -43,18 +52,16 @@ class LearnerGroup:
         return [getattr(a, method).remote(*args) for a in self.ranks]
 
     def prepare(self, shards: list[dict]) -> tuple[dict, list[float]]:
-        """pi_old / pi_ref (/ critic) pass on every rank; returns merged stats and each sample's KL sum."""
+        """pi_old / pi_ref (/ critic) pass on every rank; returns its time and each sample's KL sum."""
         results = self.call("prepare", per_rank=[(s,) for s in shards], what="scoring the batch (pi_old, pi_ref)")
-        tokens = sum(r["stats"]["tokens"] for r in results)
-        keys = [k for k in results[0]["stats"] if k not in ("tokens", "logprob_abs_diff_sum", "logprob_tokens")]
-        merged = {k: sum(r["stats"][k] * r["stats"]["tokens"] for r in results) / max(tokens, 1.0) for k in keys}
-        diff_n = sum(r["stats"]["logprob_tokens"] for r in results)
-        merged["logprob_abs_diff_mean"] = sum(r["stats"]["logprob_abs_diff_sum"] for r in results) / max(1, diff_n)
-        merged["time_prepare_s"] = max(r["time_s"] for r in results)
-        return merged, [x for r in results for x in r["kl_sum"]]
+        return {"time_prepare_s": max(r["time_s"] for r in results)}, [x for r in results for x in r["kl_sum"]]
 
     def train(self, shards: list[dict]) -> dict:
-        return _rank_mean(self.call("train", per_rank=[(s,) for s in shards], what="a training step"))
+        """The update on every rank: its metrics averaged over ranks, and the statistics of pi_old
+        and pi_ref weighted by each rank's tokens."""
+        results = self.call("train", per_rank=[(s,) for s in shards], what="a training step")
+        scored = [r.pop("scored") for r in results]
+        return {**_rank_mean(results), **_token_mean(scored)}
 
     def sft_train(self, shards: list[dict]) -> dict:
         return _rank_mean(self.call("sft_train", per_rank=[(s,) for s in shards], what="an SFT step"))

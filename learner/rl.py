@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from .algorithms import (AGGREGATIONS, KL_ESTIMATORS, aggregation_units, entropy, entropy_from_logits, grpo_loss, masked_mean,
                          tis_weights, token_logprobs)
-from .batch import Micro, completion_logits, make_micro, make_packed_micro, stack_padded
+from .batch import Micro, completion_logits, micros, prompt_runs, stack_padded
 from .config import AlgorithmConfig
 from .divergences import exact_divergences, per_token_divergence
 from .ppo_math import gae, kl_shaped_rewards, masked_whiten, value_loss
@@ -20,43 +20,67 @@ from .ppo_math import gae, kl_shaped_rewards, masked_whiten, value_loss
 
 @dataclass
 class Prepared:
-    """Per-row tensors of one shard, computed before any update (rows index the shard)."""
+    """Per-row tensors of one shard, computed before the update that uses them (rows index the
+    shard), and the token-weighted sums of the statistics logged about them."""
     old: dict[int, torch.Tensor] = field(default_factory=dict)
     ref: dict[int, torch.Tensor] = field(default_factory=dict)
     values: dict[int, torch.Tensor] = field(default_factory=dict)
     engine: dict[int, torch.Tensor] = field(default_factory=dict)
     keep: dict[int, float] = field(default_factory=dict)  # 0: masked out (overlong masking)
+    sums: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    tokens: float = 0.0
+
+    def stats(self) -> dict:
+        """The logged statistics of every row scored: divergences and entropy before the update,
+        and the engine-vs-learner logprob difference (evidence the engines hold our weights)."""
+        diffs = [(self.old[i] - self.engine[i]).abs() for i in self.old if self.old[i].numel()]
+        out = {f"{k}_pre" if k == "entropy" else k: v / max(self.tokens, 1.0) for k, v in self.sums.items()}
+        out.update(logprob_abs_diff_sum=float(sum(d.sum() for d in diffs)),
+                   logprob_tokens=sum(d.numel() for d in diffs), tokens=self.tokens)
+        return out
 
 
-def prompt_runs(shard: dict, order: list[int]) -> list[list[int]]:
-    """`order` cut into runs of consecutive samples with the same prompt (a group, or its part)."""
-    runs: list[list[int]] = []
-    for i in order:
-        if runs and shard["prompt_token_ids"][runs[-1][0]] == shard["prompt_token_ids"][i]:
-            runs[-1].append(i)
-        else:
-            runs.append([i])
-    return runs
+def reuses_policy(algo: AlgorithmConfig) -> bool:
+    """Whether pi_old may come from the update's own forward where pi_theta = pi_old by construction
+    (the first minibatch of the first epoch). Not when the KL enters the reward or a critic runs:
+    both are needed for every sample before advantages exist, so pi_old is computed up front."""
+    return algo.kl_place != "reward" and not algo.uses_critic
 
 
-def length_sorted(shard: dict, order: list[int]) -> list[int]:
-    """The same samples, a group's kept together, shortest packed group first and each group's
-    samples by length: micro-batches cut from it hold rows of similar length, so little padding."""
-    comp = shard["completion_token_ids"]
-    runs = [sorted(r, key=lambda i: len(comp[i])) for r in prompt_runs(shard, order)]
-    runs.sort(key=lambda r: len(shard["prompt_token_ids"][r[0]]) + sum(len(comp[i]) for i in r))
-    return [i for r in runs for i in r]
+def minibatch_orders(shard: dict, epochs: int, minibatches: int) -> list[list[list[int]]]:
+    """[epoch][minibatch] -> the shard's rows, from the shard's seed. Groups are shuffled whole, so a
+    minibatch holds whole groups whose prompt the shared-prefix layout computes once."""
+    n = len(shard["completion_token_ids"])
+    per_mb = n // minibatches
+    runs = prompt_runs(shard, list(range(n)))
+    g = torch.Generator().manual_seed(int(shard.get("seed", 0)))
+    out = []
+    for _ in range(epochs):
+        perm = [i for j in torch.randperm(len(runs), generator=g).tolist() for i in runs[j]]
+        out.append([perm[k * per_mb: (k + 1) * per_mb] for k in range(minibatches)])
+    return out
 
 
-def micros(shard: dict, order: list[int], size: int, pad_id: int, device, shared_prefix: bool) -> list[Micro]:
-    """Micro-batches of `size` samples (DeepSpeed counts them to its accumulation boundary); with
-    shared_prefix, a group's prompt is computed once per micro-batch for all its samples there."""
-    order = length_sorted(shard, order)
-    make = make_packed_micro if shared_prefix else make_micro
-    return [make([shard["prompt_token_ids"][i] for i in order[k: k + size]],
-                 [shard["completion_token_ids"][i] for i in order[k: k + size]],
-                 order[k: k + size], pad_id).to(device)
-            for k in range(0, len(order), size)]
+@torch.no_grad()
+def _record(prep: Prepared, shard: dict, algo: AlgorithmConfig, mb: Micro, sel: torch.Tensor, old: torch.Tensor,
+            ref_sel: torch.Tensor, ref: torch.Tensor, values: torch.Tensor | None) -> None:
+    """A micro-batch's pi_old, pi_ref (and old values) per row, and its share of the logged statistics."""
+    w = float(mb.comp_mask.sum())
+    prep.tokens += w
+    real = mb.comp_mask.bool()  # padding is often half of [B, C]: skip its vocabulary-wide work
+    sel, ref_sel = sel[real][None], ref_sel[real][None]
+    ones = torch.ones(sel.shape[:2], device=sel.device)
+    prep.sums["entropy"] += float(masked_mean(entropy_from_logits(sel), ones)) * w
+    for name, estimator in KL_ESTIMATORS.items():  # every sampled estimator, whichever is in the loss
+        prep.sums[f"kl_{name}"] += float(masked_mean(estimator(old, ref), mb.comp_mask)) * w
+    if algo.log_divergences:
+        for k, v in exact_divergences(sel, ref_sel, ones, algo.divergence_chunk).items():
+            prep.sums[k] += float(v) * w
+    for j, i in enumerate(mb.rows):
+        c = len(shard["completion_token_ids"][i])
+        prep.old[i], prep.ref[i] = old[j, :c].float(), ref[j, :c].float()
+        if values is not None:
+            prep.values[i] = values[j, :c].float()
 
 
 def global_sum(values: list[float], device) -> list[float]:
@@ -81,47 +105,28 @@ def _mask(mb: Micro, prep: Prepared) -> torch.Tensor:
 
 
 @torch.no_grad()
-def prepare(engines: dict, shard: dict, algo: AlgorithmConfig, temperature: float, size: int,
-            pad_id: int, device, shared_prefix: bool = True) -> tuple[Prepared, dict, list[float]]:
-    """pi_old / pi_ref logprobs, old values, the logged divergences, and each sample's summed KL."""
+def prepare(engines: dict, shard: dict, algo: AlgorithmConfig, temperature: float, size: int, pad_id: int,
+            device, shared_prefix: bool = True, skip: list[int] = ()) -> tuple[Prepared, list[float]]:
+    """pi_old / pi_ref logprobs and old values of every row but `skip` (rows whose update computes
+    them itself), their logged statistics, and each sample's summed KL."""
     prep = Prepared()
     n = len(shard["completion_token_ids"])
-    sums: dict[str, float] = defaultdict(float)
-    tokens, kl_sums = 0.0, [0.0] * n
-    for mb in micros(shard, list(range(n)), size, pad_id, device, shared_prefix):
+    for i in range(n):
+        c = len(shard["completion_token_ids"][i])
+        prep.engine[i] = torch.tensor(shard["logprobs"][i][:c], device=device, dtype=torch.float32)
+        truncated = shard["finish_reason"][i] == "length"
+        prep.keep[i] = 0.0 if (algo.overlong.mask_truncated and truncated) else 1.0
+    skip = set(skip)
+    for mb in micros(shard, [i for i in range(n) if i not in skip], size, pad_id, device, shared_prefix):
         sel = completion_logits(engines["policy"], mb, temperature)
-        old = token_logprobs(sel, mb.comp_ids)
         ref_sel = completion_logits(engines["ref"], mb, temperature)
-        ref = token_logprobs(ref_sel, mb.comp_ids)
-        kl = KL_ESTIMATORS[algo.kl_estimator](old, ref) * mb.comp_mask
-        w = float(mb.comp_mask.sum())
-        tokens += w
-        real = mb.comp_mask.bool()  # padding is often half of [B, C]: skip its vocabulary-wide work
-        sel, ref_sel = sel[real][None], ref_sel[real][None]
-        ones = torch.ones(sel.shape[:2], device=device)
-        sums["entropy"] += float(masked_mean(entropy_from_logits(sel), ones)) * w
-        for name, estimator in KL_ESTIMATORS.items():  # every sampled estimator, whichever is in the loss
-            sums[f"kl_{name}"] += float(masked_mean(estimator(old, ref), mb.comp_mask)) * w
-        if algo.log_divergences:
-            for k, v in exact_divergences(sel, ref_sel, ones, algo.divergence_chunk).items():
-                sums[k] += float(v) * w
-        del sel, ref_sel
         values = mb.gather(engines["critic"](**mb.inputs())) if "critic" in engines else None
-        for j, i in enumerate(mb.rows):
-            c = len(shard["completion_token_ids"][i])
-            prep.old[i], prep.ref[i] = old[j, :c].float(), ref[j, :c].float()
-            prep.engine[i] = torch.tensor(shard["logprobs"][i][:c], device=device, dtype=torch.float32)
-            if values is not None:
-                prep.values[i] = values[j, :c].float()
-            kl_sums[i] = float(kl[j].sum())
-            truncated = shard["finish_reason"][i] == "length"
-            prep.keep[i] = 0.0 if (algo.overlong.mask_truncated and truncated) else 1.0
-    # Evidence the engines hold our weights: their logprobs vs ours, before we update.
-    diffs = [(prep.old[i] - prep.engine[i]).abs() for i in range(n) if prep.old[i].numel()]
-    stats = {f"{k}_pre" if k == "entropy" else k: v / max(tokens, 1.0) for k, v in sums.items()}
-    stats.update(logprob_abs_diff_sum=float(sum(d.sum() for d in diffs)),
-                 logprob_tokens=sum(d.numel() for d in diffs), tokens=tokens)
-    return prep, stats, kl_sums
+        _record(prep, shard, algo, mb, sel, token_logprobs(sel, mb.comp_ids), ref_sel,
+                token_logprobs(ref_sel, mb.comp_ids), values)
+        del sel, ref_sel
+    estimator = KL_ESTIMATORS[algo.kl_estimator]
+    kl_sums = [float(estimator(prep.old[i], prep.ref[i]).sum()) if i in prep.old else 0.0 for i in range(n)]
+    return prep, kl_sums
 
 
 def ppo_advantages(prep: Prepared, shard: dict, algo: AlgorithmConfig, device) -> tuple[dict, dict]:
@@ -153,38 +158,39 @@ def train(engines: dict, shard: dict, prep: Prepared, algo: AlgorithmConfig, epo
           temperature: float, size: int, pad_id: int, norm_len: int, device, shared_prefix: bool = True) -> dict:
     """epochs x minibatches optimizer steps of the clipped objective (and the critic for ppo)."""
     policy, ref, critic = engines["policy"], engines.get("ref"), engines.get("critic")
-    n = len(shard["completion_token_ids"])
     token_adv = returns = None
-    if algo.name == "ppo":
+    if algo.uses_critic:
         token_adv, returns = ppo_advantages(prep, shard, algo, device)
     beta = algo.beta if algo.kl_place == "loss" else 0.0
     sums: dict[str, float] = defaultdict(float)
     count = 0
-    per_mb = n // minibatches
-    g = torch.Generator().manual_seed(int(shard.get("seed", 0)))
     for engine in (policy, critic):
         if engine is not None:
             engine.train()
-    for _ in range(epochs):
-        # groups are shuffled whole, so a minibatch holds whole groups and their prompts are shared
-        runs = prompt_runs(shard, list(range(n)))
-        perm = [i for j in torch.randperm(len(runs), generator=g).tolist() for i in runs[j]]
-        for k in range(minibatches):
-            batch = micros(shard, perm[k * per_mb: (k + 1) * per_mb], size, pad_id, device, shared_prefix)
+    for epoch in minibatch_orders(shard, epochs, minibatches):
+        for rows in epoch:
+            batch = micros(shard, rows, size, pad_id, device, shared_prefix)
             denom = accumulation_denom(sum(aggregation_units(algo.aggregation, _mask(mb, prep)) for mb in batch),
                                        len(batch), device)
             for mb in batch:
                 C = mb.comp_ids.size(1)
                 mask = _mask(mb, prep)
-                old_lp = stack_padded([prep.old[i] for i in mb.rows], C)
-                ref_lp = stack_padded([prep.ref[i] for i in mb.rows], C)
                 sel = completion_logits(policy, mb, temperature)
                 logp = token_logprobs(sel, mb.comp_ids)
+                ref_sel = None
+                if mb.rows[0] not in prep.old:  # not scored up front: pi_old is this very forward
+                    with torch.no_grad():
+                        ref_sel = completion_logits(ref, mb, temperature)
+                    _record(prep, shard, algo, mb, sel.detach(), logp.detach(), ref_sel,
+                            token_logprobs(ref_sel, mb.comp_ids), None)
+                old_lp = stack_padded([prep.old[i] for i in mb.rows], C)
+                ref_lp = stack_padded([prep.ref[i] for i in mb.rows], C)
                 ent = entropy(sel) if algo.entropy_coef else entropy_from_logits(sel)
                 div = None
                 if algo.divergence and beta:
-                    with torch.no_grad():
-                        ref_sel = completion_logits(ref, mb, temperature)
+                    if ref_sel is None:
+                        with torch.no_grad():
+                            ref_sel = completion_logits(ref, mb, temperature)
                     div = per_token_divergence(algo.divergence, sel, ref_sel, algo.divergence_chunk)
                 isw = None
                 if algo.tis_cap:
@@ -214,7 +220,7 @@ def train(engines: dict, shard: dict, prep: Prepared, algo: AlgorithmConfig, epo
                     for key, val in vstats.items():
                         sums[key] += float(val)
                 count += 1
-    return {k: v / max(1, count) for k, v in sums.items()}
+    return {**{k: v / max(1, count) for k, v in sums.items()}, "scored": prep.stats()}
 
 
 def sft_train(policy, shard: dict, minibatches: int, size: int, pad_id: int, device,

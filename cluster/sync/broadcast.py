@@ -19,7 +19,11 @@ class WeightSync:
                  for i, e in enumerate(engines)]
         self._wait(refs, f"the weight-sync group ({backend}, {world} members at {host}:{port})")
         specs = ray.get(learner.ranks[0].sync_specs.remote(), timeout=timeout_s)
-        self.plan: SyncPlan = plan_buckets([TensorSpec(n, tuple(s)) for n, s in specs], engine_dtype, bucket_mb)
+        self.specs = [TensorSpec(n, tuple(s)) for n, s in specs]
+        self.plan: SyncPlan = plan_buckets(self.specs, engine_dtype, bucket_mb)
+
+    def replan(self, bucket_mb: float) -> None:
+        self.plan = plan_buckets(self.specs, self.plan.dtype, bucket_mb)
 
     def _wait(self, refs, what: str):
         try:
@@ -34,3 +38,13 @@ class WeightSync:
         refs += [e.load_weights.remote(self.plan, version) for e in self.engines]
         self._wait(refs, f"weight sync v{version} ({len(self.plan.buckets)} buckets)")
         return {"time_sync_s": time.monotonic() - start, "sync_bytes": self.plan.total_bytes}
+
+    def raw_broadcast(self) -> float:
+        """The same bytes as one flat buffer on the same group, nothing gathered, packed or loaded:
+        the floor `groupflow bench sync` measures a push against."""
+        numel = sum(s.numel for s in self.specs)
+        start = time.monotonic()
+        refs = [self.learner.ranks[0].raw_broadcast.remote(numel, self.plan.dtype)]
+        refs += [e.raw_receive.remote(numel, self.plan.dtype) for e in self.engines]
+        self._wait(refs, f"a raw broadcast of {numel} elements")
+        return time.monotonic() - start
