@@ -2,7 +2,7 @@
 
 On CPU, `model.load_weights` leaves empty parameters once oneDNN has packed the linears, so new
 weights go through `model_runner.reload_weights(..., is_checkpoint_format=True)`, which works on
-both builds. Buckets are received lazily, as the reload pulls them, so at most one is held.
+both builds. Buckets are received as the reload pulls them, one ahead, so at most two are held.
 """
 from __future__ import annotations
 
@@ -44,10 +44,17 @@ class WeightSyncExtension:
         transport = self._gf_transport
         dtype = DTYPES[plan.dtype]
 
-        def stream():
-            for bucket in plan.buckets:
-                flat = torch.empty(sum(s.numel for s in bucket), dtype=dtype, device=self.device)
-                transport.broadcast(flat)
+        def receive(k: int):
+            flat = torch.empty(sum(s.numel for s in plan.buckets[k]), dtype=dtype, device=self.device)
+            return flat, transport.start_broadcast(flat)
+
+        def stream():  # bucket k+1 arrives while bucket k is loaded: at most two are held
+            pending = receive(0)
+            for k, bucket in enumerate(plan.buckets):
+                flat, wait = pending
+                wait()
+                if k + 1 < len(plan.buckets):
+                    pending = receive(k + 1)
                 yield from unpack(flat, bucket)
 
         self.model_runner.reload_weights(weights_iterator=stream(), is_checkpoint_format=True)

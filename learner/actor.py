@@ -129,17 +129,25 @@ class LearnerActor:
         return self.rank
 
     def broadcast_weights(self, plan) -> float:
-        """Gather each bucket's parameters from the ZeRO shards (all ranks), rank 0 broadcasts it."""
+        """Gather each bucket's parameters from the ZeRO shards (all ranks), rank 0 broadcasts it;
+        bucket k+1 is gathered and packed while bucket k is on the wire."""
         import deepspeed
         from cluster.sync.base import DTYPES, pack
 
         start = time.monotonic()
         params = dict(self._named_params())
+        wait = None
         for bucket in plan.buckets:
             group = [params[s.name] for s in bucket]
             with deepspeed.zero.GatheredParameters(group, modifier_rank=None):
-                if self.rank == 0:
-                    self._transport.broadcast(pack(group, DTYPES[plan.dtype], self.device))
+                # a packed copy: the gathered parameters may be released while it travels
+                flat = pack(group, DTYPES[plan.dtype], self.device) if self.rank == 0 else None
+            if flat is not None:
+                if wait is not None:
+                    wait()
+                wait = self._transport.start_broadcast(flat)
+        if wait is not None:
+            wait()
         return time.monotonic() - start
 
     def raw_broadcast(self, numel: int, dtype: str) -> None:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Protocol
+from typing import Callable, Iterable, Iterator, Protocol
 
 import torch
 
@@ -64,3 +64,6 @@ class WeightTransport(Protocol):
 
     def broadcast(self, flat: torch.Tensor) -> None:
         """Rank 0 sends `flat`; the others receive into it in place."""
+
+    def start_broadcast(self, flat: torch.Tensor) -> Callable[[], None]:
+        """The same, started: returns the call that waits for it."""

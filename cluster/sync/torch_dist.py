@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import socket
 from datetime import timedelta
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -33,8 +34,15 @@ class TorchDistTransport:
             raise ValueError(f"unknown weight-sync backend {backend!r} (gloo or nccl)")
         self._store = store  # the master's store must outlive the group
 
-    def broadcast(self, flat: torch.Tensor) -> None:
+    def start_broadcast(self, flat: torch.Tensor) -> Callable[[], None]:
+        """Start it and return its wait: the next bucket is packed or loaded meanwhile."""
         work = self.pg.broadcast([flat], dist.BroadcastOptions())
-        if not work.wait(self.timeout):
-            raise TimeoutError(f"weight broadcast of {flat.numel()} elements timed out "
-                               f"after {self.timeout.total_seconds()}s (rank {self.rank})")
+
+        def wait() -> None:
+            if not work.wait(self.timeout):
+                raise TimeoutError(f"weight broadcast of {flat.numel()} elements timed out "
+                                   f"after {self.timeout.total_seconds()}s (rank {self.rank})")
+        return wait
+
+    def broadcast(self, flat: torch.Tensor) -> None:
+        self.start_broadcast(flat)()
