@@ -80,7 +80,7 @@ def memory_report(cfg: Config, run_dir: Path, steps: int = 3) -> dict:
     same model and the same batch, each in fresh learner processes, measured one after the other."""
     from transformers import AutoConfig
 
-    from learner.config import AlgorithmConfig
+    from learner.config import AlgorithmConfig, zero_stage
     from learner.group import LearnerGroup
 
     from . import phases
@@ -117,7 +117,7 @@ def memory_report(cfg: Config, run_dir: Path, steps: int = 3) -> dict:
     return {
         "machine": machine_info(),
         "model": cfg.model.path if cfg.model.random_init is None else "tiny-random",
-        "learner": {"ranks": R, "zero_stage": cfg.learner.zero_stage, "dtype": cfg.learner.dtype,
+        "learner": {"ranks": R, "zero_stage": zero_stage(cfg.learner), "dtype": cfg.learner.dtype,
                     "batch": cfg.trainer.prompts_per_step * cfg.trainer.group_size,
                     "completion_tokens": cfg.engines.max_new_tokens},
         "steps": steps,

@@ -43,14 +43,14 @@ def matmul_flops(dtype: str, threads: int, seconds: float = 2.0) -> float:
         torch.set_num_threads(before)
 
 
-def learner_report(cfg: Config, run_dir: Path, steps: int = 2) -> dict:
+def learner_report(cfg: Config, run_dir: Path, steps: int = 2, variants: list[str] | None = None) -> dict:
     """Each variant in fresh learner processes, `steps` steps each on the same batches; step 1 is the
     warm-up, the rest are timed. Tokens are counted unshared (prompt + completion per sample) so that
     every variant's tokens/s measures the same work."""
     import ray
     from transformers import AutoConfig
 
-    from learner.config import AlgorithmConfig, LearnerConfig
+    from learner.config import AlgorithmConfig, LearnerConfig, zero_stage
     from learner.group import LearnerGroup
 
     from . import phases
@@ -67,7 +67,12 @@ def learner_report(cfg: Config, run_dir: Path, steps: int = 2) -> dict:
     tokens = sum(len(p) + len(c) for p, c in zip(batches[0].column("prompt_token_ids").to_pylist(),
                                                   batches[0].column("completion_token_ids").to_pylist()))
     results = {}
-    for name, over in VARIANTS.items():
+    names = variants or list(VARIANTS)
+    unknown = set(names) - set(VARIANTS)
+    if unknown:
+        raise ValueError(f"unknown variants {sorted(unknown)}; known: {list(VARIANTS)}")
+    for name in names:
+        over = VARIANTS[name]
         lc = LearnerConfig.model_validate({**cfg.learner.model_dump(), **over["learner"]})
         algo = AlgorithmConfig.model_validate({**cfg.algorithm.model_dump(), **over["algorithm"]})
         group = LearnerGroup(lc, algo, model_path, cfg.local_batch, cfg.engines.temperature,
@@ -95,7 +100,7 @@ def learner_report(cfg: Config, run_dir: Path, steps: int = 2) -> dict:
             "learner_tokens_per_s": tokens * timed / max(sum(times["prepare"]) + sum(times["update"]), 1e-9),
             "step1_metrics": first,
         }
-    base = results["baseline"]
+    base = results[names[0]]  # ratios against the first variant run (the baseline by default)
     for name, r in results.items():
         r["speedup"] = r["learner_tokens_per_s"] / base["learner_tokens_per_s"]
         r["step1_max_abs_diff_vs_baseline"] = max(
@@ -105,21 +110,23 @@ def learner_report(cfg: Config, run_dir: Path, steps: int = 2) -> dict:
     params = _param_count(model_cfg)
     threads = cfg.learner.threads or max(1, (os.cpu_count() or 1) // R)
     peak = matmul_flops(cfg.learner.dtype, threads) * R
+    fraction = None
+    if "baseline" in results:
+        b = results["baseline"]
+        fraction = {"prepare": 4 * params * b["prepare_tokens_per_s"] / peak,
+                    "update": 6 * params * b["update_tokens_per_s"] / peak}
     ray.shutdown()
     return {
         "machine": machine_info(),
         "model": cfg.model.path if cfg.model.random_init is None else "tiny-random",
-        "learner": {"ranks": R, "dtype": cfg.learner.dtype, "zero_stage": cfg.learner.zero_stage,
+        "learner": {"ranks": R, "dtype": cfg.learner.dtype, "zero_stage": zero_stage(cfg.learner),
                     "micro_batch_size": cfg.learner.micro_batch_size, "minibatches": cfg.learner.minibatches},
         "batch": {"samples": batches[0].num_rows, "group_size": cfg.trainer.group_size,
                   "tokens_unshared": tokens, "max_new_tokens": cfg.engines.max_new_tokens},
         "timed_steps": steps - 1,
         "variants": results,
         "matmul_flops_per_s": peak,
-        "baseline_fraction_of_matmul": {
-            "prepare": 4 * params * base["prepare_tokens_per_s"] / peak,
-            "update": 6 * params * base["update_tokens_per_s"] / peak,
-        },
+        "baseline_fraction_of_matmul": fraction,
     }
 
 

@@ -91,6 +91,9 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--run-dir")
         sp.add_argument(count, dest="count", type=_positive, default=default, help=what)
         sp.add_argument("--json", help="also write the report here")
+        if name == "learner":
+            sp.add_argument("--variants", help="comma-separated subset; ratios are against the first "
+                            "(default: all, baseline first)")
         sp.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     return p
 
@@ -167,8 +170,9 @@ def main(argv: list[str] | None = None) -> int:
         from .bench_learner import learner_report
         run = {"memory": bench.memory_report, "learner": learner_report, "rollout": rollout_report,
                "sync": sync_report}[args.bench]
+        extra = {"variants": args.variants.split(",")} if getattr(args, "variants", None) else {}
         try:
-            report = run(cfg, run_dir, args.steps if args.bench == "memory" else args.count)
+            report = run(cfg, run_dir, args.steps if args.bench == "memory" else args.count, **extra)
         finally:
             ray.shutdown()
     text = json.dumps(report, indent=2)
@@ -189,8 +193,10 @@ def _learner_table(report: dict) -> str:
         lines.append(f"{name:34} {r['prepare_tokens_per_s']:13.0f} {r['update_tokens_per_s']:12.0f} "
                      f"{r['learner_tokens_per_s']:13.0f} {r['speedup']:7.2f} {r['step1_max_abs_diff_vs_baseline']:11.2e}")
     f = report["baseline_fraction_of_matmul"]
-    lines.append(f"baseline FLOP/s as a fraction of a {report['learner']['dtype']} matmul "
-                 f"({report['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s): prepare {f['prepare']:.2f}, update {f['update']:.2f}")
+    if f:
+        lines.append(f"baseline FLOP/s as a fraction of a {report['learner']['dtype']} matmul "
+                     f"({report['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s): prepare {f['prepare']:.2f}, "
+                     f"update {f['update']:.2f}")
     return "\n".join(lines)
 
 

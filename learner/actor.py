@@ -17,7 +17,7 @@ import ray
 import torch
 
 from . import rl
-from .config import AlgorithmConfig, LearnerConfig
+from .config import AlgorithmConfig, LearnerConfig, zero_stage
 from .models import build_engines, micro_size, quiet
 
 log = logging.getLogger("groupflow.learner")
@@ -69,7 +69,7 @@ class LearnerActor:
         self.engine = self.engines["policy"]
         self._transport = None
         log.info("%s up in %.1fs (ZeRO-%d, %s)", "+".join(self.engines), time.monotonic() - start,
-                 cfg.zero_stage, cfg.dtype)
+                 zero_stage(cfg), cfg.dtype)
         return self.rank
 
     # ---- training -------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import warnings
 
 import torch
 
-from .config import LearnerConfig
+from .config import LearnerConfig, zero_stage
 
 
 def micro_size(cfg: LearnerConfig, local_batch: int) -> int:
@@ -20,7 +20,7 @@ def ds_config(cfg: LearnerConfig, world_size: int, local_batch: int, train: bool
     conf = {
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": max(1, local_batch // cfg.minibatches // micro),
-        "zero_optimization": {"stage": cfg.zero_stage,
+        "zero_optimization": {"stage": zero_stage(cfg),
                               "stage3_gather_16bit_weights_on_model_save": True},
         "bf16": {"enabled": cfg.dtype == "bfloat16"},
         "steps_per_print": 10**9,

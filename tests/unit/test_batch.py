@@ -4,7 +4,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from learner.algorithms import entropy_from_logits, token_logprobs
-from learner.batch import completion_logits, make_micro, make_packed_micro, stack_padded
+from learner.batch import (completion_logits, length_sorted, make_micro, make_packed_micro, prompt_runs,
+                           stack_padded)
 
 
 def tiny_model():
@@ -91,3 +92,28 @@ def test_packed_layout_one_row_per_prompt():
     assert mb.comp_index.tolist() == [[1, 2], [1, 0], [0, 1]]
     attend = mb.attention[0, 0].int().tolist()
     assert attend[4] == [1, 1, 0, 0, 1]  # completion 2 sees the prompt and itself, not completion 1
+
+
+def _shard(prompt_lens, comp_lens):
+    prompts = [[g + 1] * n for g, n in enumerate(prompt_lens)]
+    group = [g for g, lens in enumerate(comp_lens) for _ in lens]
+    return {"prompt_token_ids": [prompts[g] for g in group],
+            "completion_token_ids": [[7] * n for lens in comp_lens for n in lens], "seed": 3}
+
+
+def test_length_sorted_keeps_groups_whole_shortest_first():
+    shard = _shard([4, 2], [[5, 1, 3], [2, 2]])  # rows 0-2 group 0 (packed 13), rows 3-4 group 1 (6)
+    assert length_sorted(shard, [0, 1, 2, 3, 4]) == [3, 4, 1, 2, 0]
+    assert prompt_runs(shard, [0, 3, 1, 2]) == [[0], [3], [1, 2]]
+
+
+def test_minibatches_hold_whole_groups_every_row_once():
+    from learner.rl import minibatch_orders
+    shard = _shard([3, 3, 3, 3], [[1] * 4] * 4)
+    orders = minibatch_orders(shard, epochs=2, minibatches=2)
+    assert len(orders) == 2 and all(len(e) == 2 for e in orders)
+    for epoch in orders:
+        assert sorted(i for mb in epoch for i in mb) == list(range(16))
+        for mb in epoch:
+            assert {i // 4 for i in mb} == {mb[0] // 4, mb[-1] // 4} and len({i // 4 for i in mb}) == 2
+    assert orders == minibatch_orders(shard, epochs=2, minibatches=2)  # from the shard's seed
