@@ -103,6 +103,10 @@ class AlgorithmConfig(BaseModel):
         None, description="exact divergence over the vocabulary in the loss instead of the sampled estimator")
     log_divergences: bool = Field(True, description="log exact reverse/forward KL, JS and TV to pi_ref every step")
     divergence_chunk: int = Field(256, ge=1, description="tokens per chunk of the exact divergences (bounds memory)")
+    stats_tokens: int = Field(
+        1024, ge=0, description="the logged full-vocabulary statistics (exact divergences, entropy) are "
+        "taken on at most ~this many evenly spaced completion tokens per rank and step (0: every token); "
+        "the loss always uses every token")
     loss_aggregation: Optional[Literal["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"]] = Field(
         None, description="GRPO paper / DAPO / Dr.GRPO (sum over tokens / engines.max_new_tokens); "
         "default seq-mean-token-sum-norm for dr_grpo, else seq-mean-token-mean")

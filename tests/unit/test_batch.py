@@ -117,3 +117,17 @@ def test_minibatches_hold_whole_groups_every_row_once():
         for mb in epoch:
             assert {i // 4 for i in mb} == {mb[0] // 4, mb[-1] // 4} and len({i // 4 for i in mb}) == 2
     assert orders == minibatch_orders(shard, epochs=2, minibatches=2)  # from the shard's seed
+
+
+def test_logged_statistics_take_evenly_spaced_real_tokens():
+    from learner.config import AlgorithmConfig
+    from learner.rl import sampled, stats_stride
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]], dtype=torch.float32)  # 9 real tokens
+    assert sampled(mask, 1).tolist() == mask.bool().tolist()
+    picked = sampled(mask, 3)
+    assert picked.sum() == 3 and not (picked & ~mask.bool()).any()
+    assert picked.tolist() == [[True, False, False, False], [True, False, False, False], [False, True, False, False]]
+    shard = {"completion_token_ids": [[1] * 700, [1] * 700]}
+    assert stats_stride(shard, AlgorithmConfig()) == 2  # 1400 tokens, at most ~1024 taken
+    assert stats_stride(shard, AlgorithmConfig(stats_tokens=0)) == 1
+    assert stats_stride({"completion_token_ids": [[1] * 30]}, AlgorithmConfig()) == 1

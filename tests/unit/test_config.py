@@ -54,8 +54,9 @@ def test_deploy_default_yaml_is_the_embedded_default():
     assert Config.model_validate(written) == Config()
 
 
-@pytest.mark.parametrize("name", ["default.yaml", "smoke.yaml", "gpu-1.5b-8gpu.yaml"])
-def test_shipped_configs_validate(name):
+@pytest.mark.parametrize("name", ["default.yaml", "smoke.yaml", "gpu-1.5b-8gpu.yaml", "gsm8k-cpu.yaml"])
+def test_shipped_configs_validate(name, monkeypatch):
+    monkeypatch.chdir(ROOT)  # gsm8k-cpu.yaml reads ../shared relative to the checkout
     path = ROOT / "deploy/configs" / name
     if name.startswith("gpu"):
         # It names a checkpoint that exists on the cluster, not here: validate everything else.
