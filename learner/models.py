@@ -20,7 +20,9 @@ def ds_config(cfg: LearnerConfig, world_size: int, local_batch: int, train: bool
     conf = {
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": max(1, local_batch // cfg.minibatches // micro),
-        "zero_optimization": {"stage": zero_stage(cfg),
+        # stages 1 and 2 shard optimizer state and gradients: an engine without an optimizer (the
+        # reference) takes 0 then; ZeRO-3 shards its parameters too
+        "zero_optimization": {"stage": zero_stage(cfg) if train or zero_stage(cfg) == 3 else 0,
                               "stage3_gather_16bit_weights_on_model_save": True},
         "bf16": {"enabled": cfg.dtype == "bfloat16"},
         "steps_per_print": 10**9,
