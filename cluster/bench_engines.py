@@ -15,18 +15,14 @@ def _standalone_generate(model_path: str, cfg_dict: dict, prompt_ids: list[list[
                          rounds: int) -> list[tuple[int, float]]:
     """A plain `vllm.LLM` in a process of its own, with the engine arguments groupflow passes: rounds
     of (generated tokens, seconds)."""
-    import os
+    from actors.config import EngineConfig
+    from actors.vllm_engine import _configure_env
 
-    import torch
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    cfg = EngineConfig(**cfg_dict)
+    _configure_env(cfg)  # the same process environment an engine actor gets
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from actors.config import EngineConfig
-    cfg = EngineConfig(**cfg_dict)
-    if cfg.device == "cpu":
-        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(cfg.kv_cache_gib)))
-        torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
     llm = LLM(model=model_path, dtype=cfg.dtype, seed=seed, enforce_eager=cfg.enforce_eager,
               max_model_len=cfg.max_model_len, logprobs_mode="processed_logprobs")
     params = SamplingParams(n=n, max_tokens=cfg.max_new_tokens, logprobs=0, temperature=cfg.temperature,
@@ -115,6 +111,7 @@ def sync_report(cfg: Config, run_dir: Path, repeats: int = 5, sweep_mb=(16, 64, 
     finally:
         roles.shutdown()
     return {"machine": machine_info(), "bytes": total, "dtype": cfg.engines.dtype,
-            "engines": cfg.engines.num_engines, "backend": cfg.sync_backend, "bucket_mb": cfg.sync.bucket_mb, "repeats": repeats,
+            "engines": cfg.engines.num_engines, "backend": cfg.sync_backend, "bucket_mb": cfg.sync.bucket_mb,
+            "repeats": repeats,
             "push_s_median": statistics.median(push), "raw_broadcast_s_median": statistics.median(raw),
             "ratio": statistics.median(push) / statistics.median(raw), "bucket_sweep": sweep}
