@@ -20,6 +20,8 @@ class EngineConfig(BaseModel):
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
     cpus_per_engine: float = Field(1.0, gt=0, description="Ray CPUs reserved per engine")
     threads: int = Field(0, ge=0, description="CPU: OpenMP threads per engine (0: all cores)")
+    max_restarts: int = Field(3, ge=0, description="engines that die are replaced on their bundle, at most this "
+                              "many times in a run; then the run stops naming the engine and its last error")
     # sampling
     max_new_tokens: int = Field(32, ge=1)
     temperature: float = Field(1.0, gt=0)

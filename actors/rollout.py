@@ -26,20 +26,24 @@ ROLLOUT_SCHEMA = pa.schema([
 
 @ray.remote
 class RolloutActor:
-    def __init__(self, cfg: EngineConfig, model_path: str, seed: int, rank: int):
+    def __init__(self, cfg: EngineConfig, model_path: str, seed: int, rank: int, version: int = 0):
         logging.basicConfig(level=logging.INFO, format=f"[engine {rank}] %(message)s")
         from .vllm_engine import VLLMEngine
 
         start = time.monotonic()
-        self.rank, self.policy_version = rank, 0
+        self.rank, self.policy_version = rank, version  # a resumed run's engines start at its version
         self.engine = VLLMEngine(cfg, model_path, seed + rank)
         log.info("engine up in %.1fs", time.monotonic() - start)
 
     def ready(self) -> int:
         return self.rank
 
-    def generate(self, rows: list[dict], group_ids: list[int], n: int, greedy: bool = False) -> pa.Table:
-        """All prompts go to the engine at once; each comes back as n rows of one group."""
+    def generate(self, rows: list[dict], group_ids: list[int], n: int, greedy: bool = False,
+                 seed: int | None = None) -> pa.Table:
+        """All prompts go to the engine at once; each comes back as n rows of one group. A `seed`
+        makes the samples a function of it (and the weights), whatever the engine did before."""
+        if seed is not None:
+            self.engine.reseed(seed)
         prompt_ids = [self.engine.chat_token_ids(r["messages"]) for r in rows]
         outs = self.engine.generate(prompt_ids, n, greedy)
         cols = {k: [] for k in ROLLOUT_SCHEMA.names}

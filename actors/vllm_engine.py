@@ -76,6 +76,10 @@ class VLLMEngine:
             result.append(samples)
         return result
 
+    def reseed(self, seed: int) -> None:
+        """Sampling draws from each worker's global torch generator: seed it for the next call."""
+        self.llm.collective_rpc("gf_seed", args=(seed,))
+
     def init_weight_sync(self, host, port, rank_offset, world_size, backend, timeout_s) -> list[int]:
         return self.llm.collective_rpc("gf_init_sync",
                                        args=(host, port, rank_offset, world_size, backend, timeout_s))

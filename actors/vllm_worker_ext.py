@@ -37,6 +37,9 @@ class WeightSyncExtension:
         self._gf_transport = TorchDistTransport(host, port, rank, world_size, backend, timeout_s)
         return rank
 
+    def gf_seed(self, seed: int) -> None:
+        torch.manual_seed(seed)
+
     def gf_raw_receive(self, numel: int, dtype: str) -> None:
         self._gf_transport.broadcast(torch.empty(numel, dtype=DTYPES[dtype], device=self.device))
 

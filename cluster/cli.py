@@ -21,8 +21,11 @@ def _parser() -> argparse.ArgumentParser:
         "`groupflow config --describe`, docs/algorithms.md). With no --config, runs the embedded default "
         "(SmolLM2-135M-Instruct on the arithmetic task; deploy/configs/default.yaml writes it out). "
         "KEY=VALUE overrides any field, for example trainer.steps=20 learner.lr=5e-6 "
-        "trainer.resume_from=RUN/checkpoints/step_000010."))
+        "trainer.seed=1. SIGTERM or SIGINT ends a run with a checkpoint (exit status 143 or 130); "
+        "`--resume auto` with the same --run-dir continues it."))
     t.add_argument("--config", help="a YAML config (see deploy/configs/)")
+    t.add_argument("--resume", metavar="auto|PATH", help="auto: continue from the newest complete checkpoint of "
+                   "--run-dir (start afresh if there is none); PATH: continue from that checkpoint")
     t.add_argument("--run-dir", help="where to write metrics, rollouts and checkpoints (default: runs/<time>)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
@@ -111,6 +114,8 @@ def _overrides(args) -> list[str]:
         return [f"rewards.task.name={args.task}", *args.overrides]
     if args.command == "prune":  # the model given is the model measured: no random re-init from the config
         return [f"model.path={args.model}", "model.random_init=null", *args.overrides]
+    if args.command == "train" and args.resume:
+        return [f"trainer.resume_from={args.resume}", *args.overrides]
     return list(args.overrides)
 
 
@@ -125,7 +130,13 @@ def _env() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    # KEY=VALUE overrides may come before or after flags (`train a=1 --resume auto b=2`)
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         if args.command == "sft":
@@ -146,8 +157,13 @@ def main(argv: list[str] | None = None) -> int:
     _env()
     if args.command in ("eval", "prune"):
         return _eval_or_prune(args, cfg)
+    from .checkpoint import CheckpointError
     from .loop import train
+    from .preemption import Preempted
 
+    if getattr(args, "resume", None) == "auto" and not args.run_dir:
+        print("groupflow: --resume auto continues a run directory: give it with --run-dir", file=sys.stderr)
+        return 2
     run_dir = _run_dir(args.run_dir)
     print(f"groupflow: run directory {run_dir.resolve()}", flush=True)
     if args.command in ("train", "sft"):
@@ -158,6 +174,12 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as e:  # found only when the run starts (e.g. a resume on other data)
             print(f"groupflow: {e}", file=sys.stderr)
             return 2
+        except CheckpointError as e:
+            print(f"groupflow: {e}", file=sys.stderr)
+            return 1
+        except Preempted as p:
+            print(f"groupflow: {p}", file=sys.stderr)
+            return 128 + p.signum
         print(json.dumps(summary, indent=2))
         return 0
     from . import bench

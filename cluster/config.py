@@ -60,18 +60,23 @@ class TrainerConfig(BaseModel):
     eval_every: int = Field(0, ge=0, description="also evaluate every K steps, logged as eval_* metrics (0: off)")
     eval_samples: int = Field(1, ge=1, description="samples per held-out prompt: 1 greedy, K > 1 pass@1 and pass@K at temperature")
     save_rollouts: bool = Field(True, description="a parquet file of the rollouts per step")
-    resume_from: Optional[Path] = Field(
-        None, description="a checkpoint dir of an earlier run: continue at its step with its weights and data "
-        "cursor, the same reference model; optimizer moments start afresh")
+    max_restarts: int = Field(2, ge=0, description="when a learner rank (or an engine during a weight push) dies, "
+                              "restart from the newest checkpoint at most this many times")
+    keep_checkpoints: int = Field(2, ge=0, description="keep the newest N checkpoints (0: all)")
+    preempt_grace_s: float = Field(120.0, ge=0, description="on SIGTERM/SIGINT: finish the step in flight "
+                                   "if its update starts within this time, else drop it; then checkpoint and exit")
+    resume_from: Optional[str] = Field(
+        None, description="'auto': continue from the newest complete checkpoint in the run dir (start afresh "
+        "if none); or a checkpoint dir: its weights, optimizer moments, data cursor, RNG and reference")
 
     @model_validator(mode="after")
     def _resumable(self):
-        if self.resume_from is None:
+        if self.resume_from in (None, "auto"):
             return self
         state_file = Path(self.resume_from) / "trainer_state.json"
         if not state_file.is_file():
             raise ValueError(f"trainer.resume_from: no trainer_state.json in {self.resume_from} "
-                             "(point it at a run's checkpoints/step_N or checkpoints/final)")
+                             "(point it at a run's checkpoints/step_N, or use --resume auto)")
         state = json.loads(state_file.read_text())
         if int(state["step"]) >= self.steps:
             raise ValueError(f"trainer.resume_from: {self.resume_from} is at step {state['step']}; "

@@ -6,9 +6,9 @@ from collections import defaultdict
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import ray
 import torch
 
+from actors.group import EngineGroup
 from learner.algorithms import ADVANTAGES, overlong_penalty, process_advantages
 from learner.config import AlgorithmConfig
 
@@ -18,15 +18,15 @@ def _split(items, k: int) -> list[tuple[int, int]]:
     return [(i * n // k, (i + 1) * n // k) for i in range(k)]
 
 
-def generate(engines: list, rows: list[dict], n: int, timeout_s: float, greedy: bool = False,
-             first_group: int = 0) -> pa.Table:
-    """Each engine takes a contiguous share of the prompts, all at once; groups stay on one engine."""
-    refs = [e.generate.remote(rows[a:b], list(range(first_group + a, first_group + b)), n, greedy)
-            for e, (a, b) in zip(engines, _split(rows, len(engines))) if b > a]
-    try:
-        return pa.concat_tables(ray.get(refs, timeout=timeout_s))
-    except ray.exceptions.GetTimeoutError:
-        raise TimeoutError(f"engines did not generate {len(rows)} x {n} samples within {timeout_s}s") from None
+def step_seed(seed: int, step: int) -> int:
+    """The sampling seed of a step: a resumed run draws what the uninterrupted one would have."""
+    return (seed * 1_000_003 + step * 10_007) % 2**62
+
+
+def generate(engines: EngineGroup, rows: list[dict], n: int, timeout_s: float, greedy: bool = False,
+             first_group: int = 0, seed: int | None = None) -> pa.Table:
+    """n samples per row, spread over the engines (EngineGroup.generate)."""
+    return engines.generate(rows, n, timeout_s, greedy, first_group, seed)
 
 
 def prompt_text(row: dict) -> str:
@@ -73,8 +73,8 @@ def _group_rewards(batch: pa.Table) -> dict[int, list[float]]:
     return groups
 
 
-def collect(engines: list, pool, task, prompts: int, group_size: int, algo: AlgorithmConfig,
-            timeout_s: float) -> tuple[pa.Table, dict]:
+def collect(engines: EngineGroup, pool, task, prompts: int, group_size: int, algo: AlgorithmConfig,
+            timeout_s: float, seed: int | None = None) -> tuple[pa.Table, dict]:
     """Generate and score `prompts` groups. With dynamic sampling (DAPO), groups whose rewards are all
     equal carry no signal: drop them and generate for fresh prompts, at most max_rounds rounds;
     if still short, the dropped groups fill the batch so its shape stays fixed."""
@@ -86,7 +86,7 @@ def collect(engines: list, pool, task, prompts: int, group_size: int, algo: Algo
     for _ in range(ds.max_rounds if ds.enabled else 1):
         new = task.next_prompts(prompts - len(informative))
         t0 = time.monotonic()
-        rollouts = generate(engines, new, group_size, timeout_s, first_group=len(rows))
+        rollouts = generate(engines, new, group_size, timeout_s, first_group=len(rows), seed=seed)
         rows += new
         t1 = time.monotonic()
         table, fails = score(pool, rollouts, rows)

@@ -10,6 +10,7 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from actors.group import EngineGroup
 from actors.rollout import RolloutActor
 from learner.group import LearnerGroup
 from rewards.pool import RewardPool
@@ -53,7 +54,7 @@ def _reserve(name: str, bundles: list[dict], timeout_s: float):
 
 @dataclass
 class Roles:
-    engines: list
+    engines: EngineGroup
     rewards: RewardPool
     learner: LearnerGroup
     sync: WeightSync
@@ -78,11 +79,15 @@ def _reward_bundles(cfg: Config) -> list[dict]:
     return [{"CPU": cfg.rewards.cpus_per_worker} for _ in range(cfg.rewards.num_workers)]
 
 
-def _launch_engines(cfg: Config, model_path: str, opts: list[dict]) -> list:
+def _launch_engine(cfg: Config, model_path: str, opts: dict, rank: int, version: int = 0):
     e = cfg.engines
-    return [RolloutActor.options(num_cpus=e.cpus_per_engine,
-                                 num_gpus=e.tensor_parallel_size if e.device == "cuda" else 0, **o)
-            .remote(e, model_path, cfg.trainer.seed, i) for i, o in enumerate(opts)]
+    return RolloutActor.options(num_cpus=e.cpus_per_engine,
+                                num_gpus=e.tensor_parallel_size if e.device == "cuda" else 0, **opts
+                                ).remote(e, model_path, cfg.trainer.seed, rank, version)
+
+
+def _launch_engines(cfg: Config, model_path: str, opts: list[dict], version: int = 0) -> list:
+    return [_launch_engine(cfg, model_path, o, i, version) for i, o in enumerate(opts)]
 
 
 def _wait_engines(engines: list, timeout_s: float) -> None:
@@ -92,7 +97,7 @@ def _wait_engines(engines: list, timeout_s: float) -> None:
         raise TimeoutError(f"rollout engines did not start within {timeout_s}s") from None
 
 
-def create_engines(cfg: Config, model_path: str) -> tuple[list, object]:
+def create_engines(cfg: Config, model_path: str) -> tuple[EngineGroup, object]:
     """Rollout engines alone (evaluation, pruning): started and ready; the caller kills them and
     removes the placement group."""
     pg, opts = _reserve("groupflow-engines", _engine_bundles(cfg), cfg.run.timeout_s)
@@ -104,7 +109,7 @@ def create_engines(cfg: Config, model_path: str) -> tuple[list, object]:
             ray.kill(a)
         remove_placement_group(pg)
         raise
-    return engines, pg
+    return EngineGroup(engines, timeout_s=cfg.run.timeout_s), pg
 
 
 def create_reward_pool(cfg: Config) -> tuple[RewardPool, object]:
@@ -120,7 +125,10 @@ def create_reward_pool(cfg: Config) -> tuple[RewardPool, object]:
     return pool, pg
 
 
-def create_roles(cfg: Config, model_path: str, ref_path: str | None = None) -> Roles:
+def create_roles(cfg: Config, model_path: str, ref_path: str | None = None, resume: str | None = None,
+                 version: int = 0) -> Roles:
+    """Every role of a run; with `resume`, the learner continues that checkpoint's DeepSpeed states
+    and the engines start at policy `version`."""
     # All groups reserved first, then every actor launched, so engines and learner start together.
     lc, t = cfg.learner, cfg.run.timeout_s
     eng_pg, eng_opts = _reserve("groupflow-engines", _engine_bundles(cfg), t)
@@ -130,12 +138,19 @@ def create_roles(cfg: Config, model_path: str, ref_path: str | None = None) -> R
     rwd_pg, rwd_opts = _reserve("groupflow-rewards", _reward_bundles(cfg), t)
 
     e = cfg.engines
-    engines = _launch_engines(cfg, model_path, eng_opts)
+    engines = _launch_engines(cfg, model_path, eng_opts, version)
     learner = LearnerGroup(lc, cfg.algorithm, model_path, cfg.local_batch, e.temperature,
                            e.max_new_tokens, lrn_opts, t, ref_path=ref_path)
     rewards = RewardPool(cfg.rewards, rwd_opts, DEFAULT_REWARD[cfg.rewards.task.name])
+    if resume is not None and learner.load(resume) == []:
+        log.warning("%s has no DeepSpeed states (an older checkpoint): optimizer moments start afresh", resume)
     _wait_engines(engines, t)
     rewards.ready(t)  # a reward that cannot be built stops the run now, not at the first batch
-    sync = WeightSync(learner, engines, cfg.sync_backend, e.dtype, e.tensor_parallel_size,
-                      cfg.sync.bucket_mb, cfg.sync.timeout_s)
-    return Roles(engines, rewards, learner, sync, [eng_pg, lrn_pg, rwd_pg])
+    # a replacement starts from the run's starting weights on the dead engine's bundle
+    group = EngineGroup(engines, lambda i: _launch_engine(cfg, model_path, eng_opts[i], i, version),
+                        e.max_restarts, t)
+    sync = WeightSync(learner, group, cfg.sync_backend, e.dtype, e.tensor_parallel_size,
+                      cfg.sync.bucket_mb, cfg.sync.timeout_s, version)
+    if cfg.sync.enabled:  # a replacement joins the weight sync and gets today's weights before it generates
+        group.on_replaced = lambda i: sync.rejoin()
+    return Roles(group, rewards, learner, sync, [eng_pg, lrn_pg, rwd_pg])

@@ -97,6 +97,7 @@ def tokenize(cfg: SFTDataConfig, model_path: str) -> tuple[list[dict], dict]:
 def sft(cfg: SFTConfig, run_dir: Path, progress: bool = True) -> dict:
     from learner.group import LearnerGroup
 
+    from . import checkpoint
     from .metrics import RunLog
     from .placement import start_ray
     from .precision import resolve_precision
@@ -134,9 +135,10 @@ def sft(cfg: SFTConfig, run_dir: Path, progress: bool = True) -> dict:
             log.step({"step": step, **stats, "response_tokens": tokens, "time_step_s": time.monotonic() - t0,
                       "tokens_per_s": tokens / max(time.monotonic() - t0, 1e-9)})
             if cfg.trainer.checkpoint_every and step % cfg.trainer.checkpoint_every == 0 and step < steps:
-                learner.save(str(run_dir / "checkpoints" / f"step_{step:06d}"), {"step": step})
+                checkpoint.write(learner, checkpoint.step_dir(run_dir, step), {"step": step}, full=False)
         summary = {"run_dir": str(run_dir), "rows": len(rows), "skipped": skipped, "steps": steps,
-                   "checkpoint": learner.save(str(run_dir / "checkpoints" / "final"), {"step": steps}),
+                   "checkpoint": str(checkpoint.mark_final(run_dir, checkpoint.write(
+                       learner, checkpoint.step_dir(run_dir, steps), {"step": steps}, full=False))),
                    "wall_time_s": time.monotonic() - started}
         log.write_json("summary.json", summary)
         return summary

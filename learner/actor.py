@@ -4,12 +4,9 @@ PPO, its value model. Every method is collective: the driver calls it on all ran
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import resource
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -155,33 +152,65 @@ class LearnerActor:
         from cluster.sync.base import DTYPES
         self._transport.broadcast(torch.zeros(numel, dtype=DTYPES[dtype], device=self.device))
 
-    def save_checkpoint(self, path: str, trainer_state: dict | None = None) -> str | None:
-        """HF safetensors + tokenizer (+ trainer_state.json: step, data cursor), written to a temp dir
-        and renamed: never half-written."""
+    def _trained(self) -> list[str]:  # the reference is the fixed start: nothing of it to save
+        return [r for r in ("policy", "critic") if r in self.engines]
+
+    def save_checkpoint(self, path: str, full: bool = True) -> str | None:
+        """Write into `path` (a fresh temp dir the driver renames once every rank is done):
+        rank 0 the HF safetensors export and tokenizer; with `full`, every rank its DeepSpeed shards
+        (weights, optimizer moments, scheduler; the critic's too) and its RNG state."""
         import deepspeed
         from transformers import AutoTokenizer
 
-        named = self._named_params()
+        out = Path(path)
+        if full:
+            for role in self._trained():
+                self.engines[role].save_checkpoint(str(out / "deepspeed"), tag=role, save_latest=False)
+            (out / "rng").mkdir(parents=True, exist_ok=True)
+            torch.save(_rng_state(), out / "rng" / f"rank_{self.rank}.pt")
         state = {}
-        for name, p in named:
+        for name, p in self._named_params():
             with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
                 if self.rank == 0:
                     state[name] = p.detach().to("cpu", torch.float32).clone()
         if self.rank != 0:
             return None
-        out = Path(path)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-        self.engine.module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-        AutoTokenizer.from_pretrained(self.model_path).save_pretrained(tmp)
-        if trainer_state is not None:
-            (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
-        old = None
-        if out.exists():  # moved aside, not deleted first: a crash here never loses both copies
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        self.engine.module.save_pretrained(out, state_dict=state, safe_serialization=True)
+        AutoTokenizer.from_pretrained(self.model_path).save_pretrained(out)
         return str(out)
+
+    def load_checkpoint(self, path: str) -> list[str]:
+        """Continue exactly where `save_checkpoint(path, full=True)` left off: DeepSpeed states of
+        every trained engine and this rank's RNG. Returns the roles restored."""
+        out, restored = Path(path), []
+        for role in self._trained():
+            if (out / "deepspeed" / role).is_dir():
+                loaded, _ = self.engines[role].load_checkpoint(str(out / "deepspeed"), tag=role)
+                if loaded is None:
+                    raise RuntimeError(f"learner rank {self.rank}: DeepSpeed could not load {out / 'deepspeed' / role}")
+                restored.append(role)
+        rng = out / "rng" / f"rank_{self.rank}.pt"
+        if rng.is_file():
+            _set_rng_state(torch.load(rng, weights_only=False))
+        return restored
+
+
+def _rng_state() -> dict:
+    import random
+
+    import numpy as np
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    import random
+
+    import numpy as np
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,17 +1,43 @@
 """LearnerGroup: the driver's handle on N learner ranks; every call goes to all ranks at once."""
 from __future__ import annotations
 
+import time
+
 import ray
 
 from .actor import LearnerActor
 from .config import AlgorithmConfig, LearnerConfig
 
 
-def _get(refs, timeout_s: float, what: str):
-    try:
-        return ray.get(refs, timeout=timeout_s)
-    except ray.exceptions.GetTimeoutError:
-        raise TimeoutError(f"learner ranks did not finish {what} within {timeout_s}s") from None
+class MemberDied(RuntimeError):
+    """An actor of a collective call died; `member` names it (e.g. "learner rank 1")."""
+
+    def __init__(self, member: str, message: str):
+        self.member = member
+        super().__init__(message)
+
+
+def wait_all(refs: list, names: list[str], timeout_s: float, what: str) -> list:
+    """The results of a collective call, or an error naming who did not answer: within timeout_s, or
+    as soon as a member is found dead (the others would wait for it in a collective until their own
+    timeout, so nobody waits for them)."""
+    name = dict(zip(refs, names))
+    pending, deadline = list(refs), time.monotonic() + timeout_s
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+        if not ready:
+            raise TimeoutError(f"{what}: no answer within {timeout_s:g}s from {', '.join(name[r] for r in pending)}")
+        try:
+            ray.get(ready[0])
+        except ray.exceptions.RayActorError as e:
+            lines = [x for x in str(e).strip().splitlines() if x.strip()]
+            raise MemberDied(name[ready[0]], f"{what}: {name[ready[0]]} died ({lines[0] if lines else type(e).__name__})"
+                             f"{'; still waiting: ' + ', '.join(name[r] for r in pending) if pending else ''}") from None
+    return ray.get(list(refs))
+
+
+def _get(ref, timeout_s: float, what: str):
+    return wait_all([ref], ["learner rank 0"], timeout_s, what)[0]
 
 
 def _rank_mean(results: list[dict]) -> dict:
@@ -45,7 +71,7 @@ class LearnerGroup:
     def call(self, method: str, *args, what: str | None = None, per_rank: list | None = None):
         refs = [getattr(a, method).remote(*(per_rank[r] if per_rank else args))
                 for r, a in enumerate(self.ranks)]
-        return _get(refs, self.timeout_s, what or method)
+        return wait_all(refs, [f"learner rank {r}" for r in range(len(refs))], self.timeout_s, what or method)
 
     def start(self, method: str, *args) -> list:
         """Fire a collective call without waiting (weight sync runs alongside the engines)."""
@@ -69,8 +95,13 @@ class LearnerGroup:
     def peak_memory(self) -> list[dict]:
         return self.call("peak_memory")
 
-    def save(self, path: str, trainer_state: dict | None = None) -> str:
-        return self.call("save_checkpoint", path, trainer_state, what=f"saving {path}")[0]
+    def save(self, path: str, full: bool = True) -> None:
+        """Every rank writes its part into `path` (cluster/checkpoint.py makes it atomic)."""
+        self.call("save_checkpoint", path, full, what=f"saving a checkpoint into {path}")
+
+    def load(self, path: str) -> list[str]:
+        """Restore the DeepSpeed states and RNG of a full checkpoint on every rank."""
+        return self.call("load_checkpoint", path, what=f"loading the checkpoint {path}")[0]
 
     def shutdown(self):
         for a in self.ranks:

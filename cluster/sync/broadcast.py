@@ -5,38 +5,53 @@ import time
 
 import ray
 
+from learner.group import wait_all
+
 from .base import SyncPlan, TensorSpec, plan_buckets
 
 
 class WeightSync:
-    def __init__(self, learner, engines: list, backend: str, engine_dtype: str, tp_size: int,
-                 bucket_mb: float, timeout_s: float):
+    def __init__(self, learner, engines, backend: str, engine_dtype: str, tp_size: int,
+                 bucket_mb: float, timeout_s: float, version: int = 0):
         self.learner, self.engines, self.timeout_s = learner, engines, timeout_s
-        world = 1 + len(engines) * tp_size
-        host, port = ray.get(learner.ranks[0].address.remote(), timeout=timeout_s)
-        refs = learner.start("init_weight_sync", host, port, world, backend, timeout_s)
-        refs += [e.init_weight_sync.remote(host, port, 1 + i * tp_size, world, backend, timeout_s)
-                 for i, e in enumerate(engines)]
-        self._wait(refs, f"the weight-sync group ({backend}, {world} members at {host}:{port})")
+        self.backend, self.tp_size, self.version = backend, tp_size, version
+        self._form()
         specs = ray.get(learner.ranks[0].sync_specs.remote(), timeout=timeout_s)
         self.specs = [TensorSpec(n, tuple(s)) for n, s in specs]
         self.plan: SyncPlan = plan_buckets(self.specs, engine_dtype, bucket_mb)
 
+    def _form(self) -> None:
+        """A group of learner rank 0 and every engine worker, on a fresh port (a new group each time)."""
+        world, t = 1 + len(self.engines) * self.tp_size, self.timeout_s
+        host, port = ray.get(self.learner.ranks[0].address.remote(), timeout=t)
+        refs = self.learner.start("init_weight_sync", host, port, world, self.backend, t)
+        refs += [e.init_weight_sync.remote(host, port, 1 + i * self.tp_size, world, self.backend, t)
+                 for i, e in enumerate(self.engines)]
+        self._wait(refs, f"the weight-sync group ({self.backend}, {world} members at {host}:{port})",
+                   self._members())
+
+    def rejoin(self) -> dict:
+        """An engine was replaced: form the group again with it and push the current weights."""
+        self._form()
+        return self.push(self.version)
+
     def replan(self, bucket_mb: float) -> None:
         self.plan = plan_buckets(self.specs, self.plan.dtype, bucket_mb)
 
-    def _wait(self, refs, what: str):
-        try:
-            return ray.get(refs, timeout=self.timeout_s)
-        except ray.exceptions.GetTimeoutError:
-            raise TimeoutError(f"timed out after {self.timeout_s}s waiting for {what}") from None
+    def _wait(self, refs, what: str, members: list[str] | None = None):
+        return wait_all(refs, members or [f"member {i}" for i in range(len(refs))], self.timeout_s, what)
+
+    def _members(self) -> list[str]:
+        return [f"learner rank {r}" for r in range(len(self.learner.ranks))] + \
+            [f"engine {i}" for i in range(len(self.engines))]
 
     def push(self, version: int) -> dict:
         """Learner ranks gather and rank 0 broadcasts while every engine receives and reloads."""
         start = time.monotonic()
         refs = self.learner.start("broadcast_weights", self.plan)
         refs += [e.load_weights.remote(self.plan, version) for e in self.engines]
-        self._wait(refs, f"weight sync v{version} ({len(self.plan.buckets)} buckets)")
+        self._wait(refs, f"weight sync v{version} ({len(self.plan.buckets)} buckets)", self._members())
+        self.version = version
         return {"time_sync_s": time.monotonic() - start, "sync_bytes": self.plan.total_bytes}
 
     def raw_broadcast(self) -> float:
@@ -48,3 +63,4 @@ class WeightSync:
         refs += [e.raw_receive.remote(numel, self.plan.dtype) for e in self.engines]
         self._wait(refs, f"a raw broadcast of {numel} elements")
         return time.monotonic() - start
+

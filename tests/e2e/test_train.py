@@ -56,7 +56,11 @@ def test_smoke_run_writes_metrics_rollouts_and_checkpoint(smoke):
 
     from transformers import AutoModelForCausalLM
     ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
-    assert ckpts == ["final", "step_000002"], ckpts  # every K=2 steps, then the end; no temp dirs left
+    assert ckpts == ["final", "step_000002", "step_000003"], ckpts  # every K=2 steps, the end; no temp dirs
+    assert (run_dir / "checkpoints" / "final").resolve().name == "step_000003"
+    # full states: every rank's DeepSpeed shards (with the optimizer moments) and RNG
+    assert len(list((run_dir / "checkpoints" / "step_000002" / "deepspeed" / "policy").glob("*optim_states.pt"))) == 2
+    assert len(list((run_dir / "checkpoints" / "step_000002" / "rng").iterdir())) == 2
     final = AutoModelForCausalLM.from_pretrained(run_dir / "checkpoints" / "final", dtype=torch.float32)
     mid = AutoModelForCausalLM.from_pretrained(run_dir / "checkpoints" / "step_000002", dtype=torch.float32)
     init = AutoModelForCausalLM.from_pretrained(run_dir / "initial_model", dtype=torch.float32)
@@ -95,16 +99,27 @@ def test_weight_sync_is_real_and_its_absence_shows(smoke, tmp_path):
     assert all(d > 10 * SYNC_TOL for d in stale_diffs[1:]), stale_diffs
 
 
-def test_resume_continues_with_the_same_prompts_and_reference(smoke, tmp_path):
-    run_dir, _ = smoke
+def test_a_resumed_run_is_the_run_that_would_have_happened(smoke, tmp_path):
+    """Stopped after step 2 and resumed (weights, optimizer moments, data cursor, RNG, engines seeded
+    from the step): step 3 is the uninterrupted run's step 3."""
+    run_dir, rows = smoke
     ckpt = run_dir / "checkpoints" / "step_000002"
     resumed = tmp_path / "resumed"
-    rows = train_smoke(resumed, f"trainer.resume_from={ckpt}", "trainer.eval=false", "trainer.eval_every=0")
-    assert [r["step"] for r in rows] == [3]  # steps 1-2 were done
-    assert rows[0]["logprob_abs_diff_mean"] < SYNC_TOL  # engines hold the checkpoint's weights
-    original = pq.read_table(run_dir / "rollouts" / "step_000003.parquet").column("prompt_id").to_pylist()
-    again = pq.read_table(resumed / "rollouts" / "step_000003.parquet").column("prompt_id").to_pylist()
-    assert again == original  # the data cursor carried over
+    again = train_smoke(resumed, "--resume", str(ckpt), "trainer.eval=false", "trainer.eval_every=0")
+    assert [r["step"] for r in again] == [3]  # steps 1-2 were done
+    original = pq.read_table(run_dir / "rollouts" / "step_000003.parquet")
+    redone = pq.read_table(resumed / "rollouts" / "step_000003.parquet")
+    for col in ("prompt_id", "completion_token_ids", "reward", "advantage", "policy_version"):
+        assert redone.column(col).to_pylist() == original.column(col).to_pylist(), col
+    for key in ("loss", "kl", "entropy", "grad_norm", "clip_fraction", "logprob_abs_diff_mean"):
+        assert again[0][key] == pytest.approx(rows[2][key], rel=1e-4, abs=1e-6), key
+    # the update of step 3 used the restored Adam moments: the same weights after it
+    from safetensors.torch import load_file
+    a = load_file(run_dir / "checkpoints" / "final" / "model.safetensors")
+    b = load_file(resumed / "checkpoints" / "final" / "model.safetensors")
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    moved = max((a[k] - load_file(ckpt / "model.safetensors")[k]).abs().max().item() for k in a)
+    assert worst < 1e-5 < moved, (worst, moved)
     state = json.loads((resumed / "checkpoints" / "final" / "trainer_state.json").read_text())
     assert state["reference_model"] == str(run_dir / "initial_model")
 

@@ -1,0 +1,93 @@
+"""EngineGroup: the rollout actors of a run as one handle; generation spread over them, and the
+replacement of an engine that died (on its own placement bundle, by the `launch` it was given).
+
+What a replacement needs besides a process (joining the weight sync, today's weights) belongs to
+the driver: it passes `on_replaced`, called with the engine's index before the engine is used.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable, Optional
+
+import pyarrow as pa
+import ray
+
+log = logging.getLogger("groupflow.actors")
+
+
+class EngineFailure(RuntimeError):
+    """An engine died and could not be replaced (or was replaced too often)."""
+
+
+def split(n: int, k: int) -> list[tuple[int, int]]:
+    return [(i * n // k, (i + 1) * n // k) for i in range(k)]
+
+
+class EngineGroup:
+    def __init__(self, actors: list, launch: Optional[Callable[[int], object]] = None, max_restarts: int = 0,
+                 timeout_s: float = 1800.0):
+        self.actors, self.launch = list(actors), launch
+        self.max_restarts, self.timeout_s = max_restarts, timeout_s
+        self.restarts = 0
+        self.on_replaced: Optional[Callable[[int], None]] = None
+
+    def __len__(self) -> int:
+        return len(self.actors)
+
+    def __iter__(self):
+        return iter(self.actors)
+
+    def __getitem__(self, i: int):
+        return self.actors[i]
+
+    def generate(self, rows: list[dict], n: int, timeout_s: float, greedy: bool = False, first_group: int = 0,
+                 seed: Optional[int] = None) -> pa.Table:
+        """Each engine takes a contiguous share of the prompts, all at once; groups stay on one engine.
+        With a `seed`, each share is sampled with seed + its first group id, so a share redone on a
+        replacement engine is drawn the same way. A share whose engine died is redone there."""
+        def submit(i: int, a: int, b: int):
+            return self.actors[i].generate.remote(rows[a:b], list(range(first_group + a, first_group + b)), n,
+                                                  greedy, None if seed is None else seed + first_group + a)
+
+        pending = {submit(i, a, b): (i, a, b) for i, (a, b) in enumerate(split(len(rows), len(self.actors)))
+                   if b > a}
+        tables: dict[int, pa.Table] = {}
+        deadline = time.monotonic() + timeout_s
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                raise TimeoutError(f"engines did not generate {len(rows)} x {n} samples within {timeout_s}s "
+                                   f"(waiting for engines {sorted({pending[r][0] for r in pending})})")
+            i, a, b = pending.pop(ready[0])
+            try:
+                tables[a] = ray.get(ready[0])
+            except ray.exceptions.RayActorError as e:
+                self.replace(i, e)
+                pending[submit(i, a, b)] = (i, a, b)  # only the lost prompts are generated again
+                deadline = time.monotonic() + timeout_s
+        return pa.concat_tables([tables[a] for a in sorted(tables)])
+
+    def replace(self, i: int, error: BaseException) -> None:
+        """Start engine i again on its bundle; the driver's `on_replaced` brings it up to date."""
+        cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if self.launch is None:
+            raise EngineFailure(f"engine {i} died: {cause}") from error
+        if self.restarts >= self.max_restarts:
+            raise EngineFailure(f"engine {i} died and engines.max_restarts={self.max_restarts} restarts are used "
+                                f"up; last error: {cause}") from error
+        self.restarts += 1
+        log.warning("engine %d died (%s): starting a replacement (%d of at most %d)", i, cause, self.restarts,
+                    self.max_restarts)
+        ray.kill(self.actors[i], no_restart=True)
+        self.actors[i] = self.launch(i)
+        try:
+            ray.get(self.actors[i].ready.remote(), timeout=self.timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise EngineFailure(f"the replacement of engine {i} did not start within {self.timeout_s}s") from None
+        if self.on_replaced is not None:
+            self.on_replaced(i)
+
+    def kill(self) -> None:
+        for a in self.actors:
+            ray.kill(a)
