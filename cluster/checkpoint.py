@@ -87,8 +87,14 @@ def write(learner, target: Path, trainer_state: dict, full: bool = True) -> Path
         else:
             os.replace(tmp, target)
     except Exception as e:
-        shutil.rmtree(tmp, ignore_errors=True)
         cause = _root_cause(e)
+        try:  # writers say "file write failed" where the reason is a full disk: say so
+            free = shutil.disk_usage(target.parent).free
+            if free < 2**20:
+                cause += f" (the disk holding it is full: {free} bytes free)"
+        except OSError:
+            pass
+        shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"could not write the checkpoint {target}: {cause}; "
                               "the earlier checkpoints are untouched") from e
     return target

@@ -125,3 +125,26 @@ def test_an_unwritable_run_dir_is_named_before_anything_starts(tmp_path):
     assert proc.returncode == 1, out[-3000:]
     assert f"the run directory {blocker / 'run'} is not writable" in out
     assert "engine up" not in out  # no actor was started
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 MiB tmpfs: room for the run's initial model (29 MB), not for a full checkpoint (~105 MB)."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=True)
+
+
+def test_a_disk_that_fills_during_a_checkpoint_is_named_and_nothing_half_written_remains(small_disk):
+    run_dir = small_disk / "run"
+    proc = start(run_dir, "trainer.steps=2", "trainer.checkpoint_every=1")
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 1, out[-5000:]
+    assert f"could not write the checkpoint {run_dir / 'checkpoints' / 'step_000001'}" in out, out[-5000:]
+    assert "full" in out or "No space left on device" in out, out[-3000:]
+    assert os.listdir(run_dir / "checkpoints") == []  # no step_000001, no .partial
+    assert steps(run_dir) == [1]  # what was written before stays
