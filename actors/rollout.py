@@ -33,6 +33,14 @@ class RolloutActor:
         start = time.monotonic()
         self.rank, self.policy_version = rank, version  # a resumed run's engines start at its version
         self.engine = VLLMEngine(cfg, model_path, seed + rank)
+        # live on Ray's metrics endpoint (Prometheus): busy while generating, samples so far
+        from ray.util.metrics import Counter, Gauge
+        tags = {"run": ray.get_runtime_context().get_job_id(), "role": "engine", "rank": str(rank)}
+        self._busy = Gauge("groupflow_engine_busy", "1 while the engine generates", ("run", "role", "rank"))
+        self._samples = Counter("groupflow_samples_generated", "samples generated", ("run", "role", "rank"))
+        for metric in (self._busy, self._samples):
+            metric.set_default_tags(tags)
+        self._busy.set(0)
         log.info("engine up in %.1fs", time.monotonic() - start)
 
     def ready(self) -> int:
@@ -45,7 +53,12 @@ class RolloutActor:
         if seed is not None:
             self.engine.reseed(seed)
         prompt_ids = [self.engine.chat_token_ids(r["messages"]) for r in rows]
-        outs = self.engine.generate(prompt_ids, n, greedy)
+        self._busy.set(1)
+        try:
+            outs = self.engine.generate(prompt_ids, n, greedy)
+        finally:
+            self._busy.set(0)
+        self._samples.inc(len(rows) * n)
         cols = {k: [] for k in ROLLOUT_SCHEMA.names}
         for row, gid, pids, samples in zip(rows, group_ids, prompt_ids, outs):
             for s in samples:

@@ -69,6 +69,12 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", required=True, help="output directory")
     pr.add_argument("--no-progress", action="store_true")
     pr.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    rp = sub.add_parser("report", help="one self-contained HTML page with plots of one run or several",
+                        description="Plots of reward, held-out accuracy, KL and divergences, entropy, response "
+                        "length, truncation, throughput, failures and the time per phase; several run "
+                        "directories overlay their curves. Opens in any browser, offline.")
+    rp.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    rp.add_argument("--out", help="the HTML file (default: RUN_DIR/report.html of the first run)")
     b = sub.add_parser("bench", help="benchmarks with JSON output")
     bsub = b.add_subparsers(dest="bench", required=True)
     bt = bsub.add_parser("train", help="run a training and report wall time, accuracy and phase shares")
@@ -138,6 +144,14 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.command == "report":
+        from .report import write_report
+        try:
+            print(f"groupflow: report written to {write_report(args.run_dirs, args.out)}")
+        except FileNotFoundError as e:
+            print(f"groupflow: {e}", file=sys.stderr)
+            return 2
+        return 0
     try:
         if args.command == "sft":
             from .sft import SFTConfig

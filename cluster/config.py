@@ -94,11 +94,19 @@ class SyncConfig(BaseModel):
     timeout_s: float = Field(600.0, gt=0)
 
 
+class LoggingConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    tensorboard: bool = Field(True, description="TensorBoard event files in RUN/tensorboard (metrics.jsonl is always written)")
+    prometheus: bool = Field(True, description="per-step metrics as groupflow_* gauges on Ray's metrics endpoint")
+
+
 class RunConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     ray_address: Optional[str] = Field(None, description="join this cluster (default: RAY_ADDRESS, else start one)")
     num_cpus: Optional[int] = Field(None, ge=1, description="logical CPUs of a local Ray (default: enough for all actors)")
     timeout_s: float = Field(1800.0, gt=0, description="limit for any one remote phase")
+    metrics_export_port: Optional[int] = Field(
+        None, ge=1, le=65535, description="a local Ray's metrics endpoint (Prometheus scrapes it; default: any free port)")
 
 
 class Config(BaseModel):
@@ -111,6 +119,7 @@ class Config(BaseModel):
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
     algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
     sync: SyncConfig = Field(default_factory=SyncConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
     @model_validator(mode="before")
     @classmethod

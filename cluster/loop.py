@@ -47,7 +47,8 @@ def _run(cfg: Config, run_dir: Path, progress: bool, restarts: int) -> dict:
     cfg = resolve_precision(cfg)  # `auto` dtypes become what the hardware computes natively
     (run_dir / "config.yaml").write_text(dump_config(cfg))
     roles = create_roles(cfg, str(begin.policy), str(begin.reference), begin.resumed, begin.first_step - 1)
-    log = RunLog(run_dir, cfg.trainer.steps - begin.first_step + 1, progress)
+    log = RunLog(run_dir, cfg.trainer.steps - begin.first_step + 1, progress, tensorboard=cfg.logging.tensorboard,
+                 first_step=begin.first_step, prometheus=cfg.logging.prometheus)
     T, P, G, R = cfg.run.timeout_s, cfg.trainer.prompts_per_step, cfg.trainer.group_size, cfg.learner.num_ranks
     started = time.monotonic()
     summary: dict = {"run_dir": str(run_dir), "data_skipped": task.skipped,
@@ -91,6 +92,7 @@ def _run(cfg: Config, run_dir: Path, progress: bool, restarts: int) -> dict:
                      "time_train_s": trained - start - collected["time_generate_s"] - collected["time_reward_s"],
                      "time_step_s": time.monotonic() - start}
                 m["generated_tokens_per_s"] = m["generated_tokens"] / max(m["time_generate_s"], 1e-9)
+                m.update(phases.idle_fractions(m))
                 if cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0 and not stop.requested:
                     m.update(evaluate())
                 log.step(m)

@@ -1,13 +1,14 @@
-"""What a run writes: metrics.jsonl (one object per step), rollouts parquet, and a progress bar."""
+"""What a run writes: per-step metrics through the sinks (sinks.py), rollouts parquet, summary.json."""
 from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from .sinks import JsonlSink, LineSink, ProgressSink, PrometheusSink, Sink, TensorBoardSink
 
 
 def atomic_write(path: Path, write) -> None:
@@ -18,25 +19,30 @@ def atomic_write(path: Path, write) -> None:
 
 
 class RunLog:
+    """The run directory's writer: per-step metrics to every sink, rollouts, summary, messages."""
+
     def __init__(self, run_dir: Path, total_steps: int, show_progress: bool = True, desc: str = "grpo",
-                 postfix: dict[str, str] | None = None):
+                 postfix: dict[str, str] | None = None, tensorboard: bool = True, first_step: int = 1,
+                 prometheus: bool = False):
         self.run_dir = run_dir
         (run_dir / "rollouts").mkdir(parents=True, exist_ok=True)
-        self._metrics = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        self.sinks: list[Sink] = [JsonlSink(run_dir / "metrics.jsonl")]
         self.bar = None
-        # progress-bar label -> metrics key
-        self.postfix = postfix or {"reward": "reward_mean", "kl": "kl", "tok_s": "generated_tokens_per_s"}
         if show_progress:
-            from tqdm import tqdm
-            self.bar = tqdm(total=total_steps, desc=desc, unit="step", file=sys.stderr,
-                            dynamic_ncols=True)
+            # progress-bar label -> metrics key
+            progress = ProgressSink(total_steps, desc, postfix or {"reward": "reward_mean", "kl": "kl",
+                                                                   "tok_s": "generated_tokens_per_s"})
+            self.bar = progress.bar
+            self.sinks.append(progress)
+        self.sinks.append(LineSink(self.print))
+        if tensorboard:
+            self.sinks.append(TensorBoardSink(run_dir / "tensorboard", first_step))
+        if prometheus:  # needs Ray started
+            self.sinks.append(PrometheusSink(run_dir))
 
     def step(self, metrics: dict) -> None:
-        self._metrics.write(json.dumps(metrics) + "\n")
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix({label: f"{metrics[key]:.4g}" for label, key in self.postfix.items()
-                                  if key in metrics}, refresh=False)
+        for sink in self.sinks:
+            sink.write(metrics)
 
     def rollouts(self, step: int, table: pa.Table) -> None:
         atomic_write(self.run_dir / "rollouts" / f"step_{step:06d}.parquet", lambda p: pq.write_table(table, p))
@@ -48,9 +54,8 @@ class RunLog:
         (self.bar.write if self.bar is not None else print)(msg)
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-        self._metrics.close()
+        for sink in self.sinks:
+            sink.close()
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

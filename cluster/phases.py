@@ -183,6 +183,14 @@ def train_shards(batch: pa.Table, num_ranks: int, seed: int, algo: AlgorithmConf
     return out
 
 
+def idle_fractions(m: dict) -> dict:
+    """Of a step's wall time, the share each side waited: engines work while generating and loading
+    weights; the learner while scoring, training and sending weights."""
+    step = max(m["time_step_s"], 1e-9)
+    return {"engine_idle_fraction": max(0.0, 1 - (m["time_generate_s"] + m["time_sync_s"]) / step),
+            "learner_idle_fraction": max(0.0, 1 - (m["time_train_s"] + m["time_sync_s"]) / step)}
+
+
 def rollout_stats(batch: pa.Table) -> dict:
     rewards = batch.column("reward")
     lengths = pc.list_value_length(batch.column("completion_token_ids"))

@@ -21,6 +21,7 @@ from .sync.broadcast import WeightSync
 
 log = logging.getLogger("groupflow")
 
+METRICS_INTERVAL_MS = 1000
 ACTOR_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
 
 
@@ -37,8 +38,10 @@ def start_ray(run: RunConfig, cpus_needed: float) -> None:
     # A local instance writes ~/.ray/auth_token otherwise, which later breaks `ray job submit`
     # against a `ray start --head` cluster on the same box. Clusters set their own auth mode.
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # metrics reach the endpoint every second (Ray's default, 10 s, would miss a short run's last steps)
     ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": ACTOR_ENV},
-             log_to_driver=True)
+             log_to_driver=True, _metrics_export_port=run.metrics_export_port,
+             _system_config={"metrics_report_interval_ms": METRICS_INTERVAL_MS})
 
 
 def _reserve(name: str, bundles: list[dict], timeout_s: float):

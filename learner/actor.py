@@ -32,6 +32,11 @@ class LearnerActor:
         self.micro = micro_size(cfg, local_batch)
         self.ref_path = ref_path or model_path  # a resumed run keeps the original model as pi_ref
         self._prep = None
+        from ray.util.metrics import Gauge  # live on Ray's metrics endpoint (Prometheus)
+        self._busy = Gauge("groupflow_learner_busy", "1 while the rank scores or trains", ("run", "role", "rank"))
+        self._busy.set_default_tags({"run": ray.get_runtime_context().get_job_id(), "role": "learner",
+                                     "rank": str(rank)})
+        self._busy.set(0)
 
     def address(self) -> tuple[str, int]:
         """This node's IP and a free port: rank 0's serve as MASTER_ADDR/PORT and the sync store."""
@@ -74,6 +79,7 @@ class LearnerActor:
         """Score a rollout shard under pi_old and pi_ref (and the critic) before any update; rows whose
         update computes pi_old itself (the first minibatch) are left to `train`."""
         start = time.monotonic()
+        self._busy.set(1)
         for e in self.engines.values():
             e.eval()
         skip = []
@@ -81,6 +87,7 @@ class LearnerActor:
             skip = rl.minibatch_orders(shard, self.cfg.epochs, self.cfg.minibatches)[0][0]
         self._prep, kl_sums = rl.prepare(self.engines, shard, self.algo, self.temperature, self.micro,
                                          self.pad_id, self.device, self.cfg.shared_prefix, skip)
+        self._busy.set(0)
         return {"kl_sum": kl_sums, "time_s": time.monotonic() - start}
 
     def train(self, shard: dict) -> dict:
@@ -89,10 +96,12 @@ class LearnerActor:
         if self._prep is None:
             raise RuntimeError("train() before prepare(): the learner has no pi_old for this batch")
         start = time.monotonic()
+        self._busy.set(1)
         metrics = rl.train(self.engines, shard, self._prep, self.algo, self.cfg.epochs, self.cfg.minibatches,
                            self.temperature, self.micro, self.pad_id, self.max_new_tokens, self.device,
                            self.cfg.shared_prefix)
         self._prep = None
+        self._busy.set(0)
         grad_norm = self.engine.get_global_grad_norm()
         metrics.update(grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
                        lr=float(self.engine.get_lr()[0]), time_learner_s=time.monotonic() - start)

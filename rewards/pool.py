@@ -85,6 +85,7 @@ class RewardWorker:
 
     def __init__(self, specs: list[dict], processes: int, sample_timeout_s: float, batch_timeout_s: float,
                  rank: int):
+        logging.basicConfig(level=logging.INFO, format=f"[reward worker {rank}] %(message)s")
         self.specs, self.rank, self.batch_timeout_s = specs, rank, batch_timeout_s
         self.per_sample = [s for s in specs if s["name"] not in BATCH_NAMES]
         self.batched = [s for s in specs if s["name"] in BATCH_NAMES]
@@ -257,6 +258,9 @@ class RewardPool:
                 results[key][share] = values
         out = combine(samples, self.keys, self.weights, results, self.cfg.failure_reward)
         out["workers_replaced"] = replaced
+        for kind, count in {**out["failures"], "worker_replaced": replaced}.items():
+            if count:
+                _failures().inc(count, tags={"kind": kind})
         return out
 
     def shutdown(self):
@@ -267,6 +271,20 @@ class RewardPool:
             pass
         for actor in [*self.workers, *self.models.values()]:
             ray.kill(actor)
+
+
+_FAILURES = None
+
+
+def _failures():
+    """groupflow_reward_failed_samples{kind} on Ray's metrics endpoint: failed samples (and replaced workers)."""
+    global _FAILURES
+    if _FAILURES is None:
+        from ray.util.metrics import Counter
+        _FAILURES = Counter("groupflow_reward_failed_samples", "failed reward samples by kind; replaced workers",
+                            ("run", "role", "rank", "kind"))
+        _FAILURES.set_default_tags({"run": ray.get_runtime_context().get_job_id(), "role": "rewards", "rank": "0"})
+    return _FAILURES
 
 
 def _model_value(v) -> tuple[str, object]:

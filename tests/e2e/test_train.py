@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+import time
 
 import pyarrow.parquet as pq
 import pytest
@@ -30,12 +31,21 @@ def train_smoke(run_dir, *overrides) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("smoke")
-    return run_dir, train_smoke(run_dir)
+    """The smoke run, scraped meanwhile by a real Prometheus (kept for the dashboard test)."""
+    from tests.prometheus import Prometheus, free_port
+    run_dir, port = tmp_path_factory.mktemp("smoke"), free_port()
+    prometheus = Prometheus(tmp_path_factory.mktemp("prometheus"), port)
+    start = time.time()
+    try:
+        rows = train_smoke(run_dir, f"run.metrics_export_port={port}")
+        time.sleep(3)  # a last scrape after the last step
+        yield run_dir, rows, {"prometheus": prometheus, "start": start, "end": time.time()}
+    finally:
+        prometheus.stop()
 
 
 def test_smoke_run_writes_metrics_rollouts_and_checkpoint(smoke):
-    run_dir, rows = smoke
+    run_dir, rows, _ = smoke
     assert [r["step"] for r in rows] == [1, 2, 3]
     for r in rows:
         assert METRIC_KEYS <= r.keys(), METRIC_KEYS - r.keys()
@@ -45,6 +55,10 @@ def test_smoke_run_writes_metrics_rollouts_and_checkpoint(smoke):
     assert table.num_rows == 8 * 4
     for col in ("completion", "reward", "advantage", "prompt_tokens", "completion_tokens", "policy_version"):
         assert col in table.column_names
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("reward/mean")] == [1, 2, 3]  # the same metrics in TensorBoard
     summary = json.loads((run_dir / "summary.json").read_text())
     assert 0.0 <= summary["eval_accuracy_start"] <= 1.0 and "eval_accuracy_end" in summary
     # eval_every=2: held-out pass@1 in the metrics of step 2 only
@@ -72,7 +86,7 @@ def test_smoke_run_writes_metrics_rollouts_and_checkpoint(smoke):
 
 
 def test_checkpoint_loads_in_vllm(smoke):
-    run_dir, _ = smoke
+    run_dir, *_ = smoke
     script = (
         "import os, sys; os.environ['VLLM_ENABLE_V1_MULTIPROCESSING'] = '0'\n"
         "from vllm import LLM, SamplingParams\n"
@@ -87,7 +101,7 @@ def test_checkpoint_loads_in_vllm(smoke):
 
 def test_weight_sync_is_real_and_its_absence_shows(smoke, tmp_path):
     """With sync the engines hold the learner's weights at every step; without it they drift."""
-    _, synced = smoke
+    _, synced, _ = smoke
     diffs = [r["logprob_abs_diff_mean"] for r in synced]
     assert all(d < SYNC_TOL for d in diffs), diffs
     assert all(r["time_sync_s"] > 0 and r["sync_bytes"] > 0 for r in synced)
@@ -102,7 +116,7 @@ def test_weight_sync_is_real_and_its_absence_shows(smoke, tmp_path):
 def test_a_resumed_run_is_the_run_that_would_have_happened(smoke, tmp_path):
     """Stopped after step 2 and resumed (weights, optimizer moments, data cursor, RNG, engines seeded
     from the step): step 3 is the uninterrupted run's step 3."""
-    run_dir, rows = smoke
+    run_dir, rows, _ = smoke
     ckpt = run_dir / "checkpoints" / "step_000002"
     resumed = tmp_path / "resumed"
     again = train_smoke(resumed, "--resume", str(ckpt), "trainer.eval=false", "trainer.eval_every=0")
@@ -128,3 +142,64 @@ def test_a_resumed_run_is_the_run_that_would_have_happened(smoke, tmp_path):
                            "--run-dir", str(tmp_path / "bad"), f"trainer.resume_from={ckpt}", "trainer.seed=5"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "trainer.resume_from" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_report_of_the_run_renders_every_plot_in_a_browser(smoke, tmp_path):
+    """`groupflow report` on the smoke run, opened by headless Chromium: every plot has its size,
+    marks, and pixels of more than one colour; the page logs no console error."""
+    from PIL import Image
+
+    from tests.browser import console_errors, open_page
+    run_dir, *_ = smoke
+    page = tmp_path / "report.html"
+    proc = subprocess.run([sys.executable, "-m", "cluster.cli", "report", str(run_dir), "--out", str(page)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    plots, log = open_page(page, tmp_path / "report.png")
+    assert len(plots) == 9, plots  # 8 line plots (failures included: they are logged as 0) + phase times
+    assert not console_errors(log), console_errors(log)
+    image = Image.open(tmp_path / "report.png").convert("RGB")
+    for p in plots:
+        assert p["width"] >= 560 and p["height"] >= 270 and p["marks"] > 0, p
+        box = image.crop((int(p["x"]), int(p["y"]), int(p["x"] + p["width"]), int(p["y"] + p["height"])))
+        # axes and text are grey; data is drawn in colour: count saturated pixels
+        data = sum(n for n, (r, g, b) in box.getcolors(maxcolors=1 << 20) if max(r, g, b) - min(r, g, b) > 60)
+        assert data > 100, (p, data)
+
+
+# what a dashboard panel may show: (metric name prefix, lowest, highest)
+SANE = [("groupflow_eval_pass_at_1", 0, 1), ("groupflow_truncated_fraction", 0, 1), ("_idle_fraction", 0, 1),
+        ("groupflow_time_", 0, 3600), ("busy", 0, 2), ("groupflow_reward_", 0, 1.5), ("groupflow_kl", -1, 10),
+        ("groupflow_div_", 0, 10), ("groupflow_entropy", 0, 20), ("groupflow_response_length_mean", 0, 16),
+        ("groupflow_step", 1, 3), ("groupflow_policy_version", 0, 2), ("restarts", 0, 0),
+        ("groupflow_reward_failures", 0, 0), ("groupflow_generated_tokens_per_s", 1, 1e7),
+        ("samples_generated", 0, 1e6)]
+
+
+def test_every_dashboard_query_returns_sane_data_from_a_real_prometheus(smoke):
+    """deploy/grafana/groupflow.json: each PromQL expression, run against the Prometheus that scraped
+    the smoke run (Ray's metrics endpoint), returns data, every value finite and in its range."""
+    import math
+    import re
+    _, _, metrics = smoke
+    prometheus = metrics["prometheus"]
+    dashboard = json.loads((ROOT / "deploy/grafana/groupflow.json").read_text())
+    targets = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    assert len(targets) >= 25
+    for expr in targets:
+        result = prometheus.query_range(expr.replace("$run", ".+"), metrics["start"], metrics["end"])
+        assert result, f"no data for {expr}"
+        values = [float(v) for series in result for _, v in series["values"]]
+        assert values and all(math.isfinite(v) for v in values), (expr, values[:10])
+        name = re.search(r"groupflow_\w+", expr).group(0)
+        for part, lo, hi in SANE:
+            if part in name or (part == "samples_generated" and "rate(" in expr):
+                if "rate(" in expr:
+                    lo, hi = 0, 1e6
+                assert all(lo <= v <= hi for v in values), (expr, min(values), max(values), lo, hi)
+                break
+    # the run is tagged: its Ray job, and the driver's role
+    series = prometheus.query_range("groupflow_reward_mean", metrics["start"], metrics["end"])
+    assert {"run", "role", "rank"} <= series[0]["metric"].keys() and series[0]["metric"]["role"] == "driver"
+    engines = prometheus.query_range("groupflow_engine_busy", metrics["start"], metrics["end"])
+    assert {s["metric"]["rank"] for s in engines} == {"0", "1"}  # both engines reported, live
