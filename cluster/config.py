@@ -94,10 +94,18 @@ class SyncConfig(BaseModel):
     timeout_s: float = Field(600.0, gt=0)
 
 
+class WandbConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    project: Optional[str] = Field(None, description="log to this Weights & Biases project (null: off); needs pip install wandb")
+    entity: Optional[str] = None
+    mode: Literal["online", "offline"] = Field("online", description="offline: written under RUN/wandb, no network; `wandb sync` it later")
+
+
 class LoggingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     tensorboard: bool = Field(True, description="TensorBoard event files in RUN/tensorboard (metrics.jsonl is always written)")
     prometheus: bool = Field(True, description="per-step metrics as groupflow_* gauges on Ray's metrics endpoint")
+    wandb: WandbConfig = Field(default_factory=WandbConfig)
 
 
 class RunConfig(BaseModel):
@@ -107,6 +115,33 @@ class RunConfig(BaseModel):
     timeout_s: float = Field(1800.0, gt=0, description="limit for any one remote phase")
     metrics_export_port: Optional[int] = Field(
         None, ge=1, le=65535, description="a local Ray's metrics endpoint (Prometheus scrapes it; default: any free port)")
+
+
+class RolePlacement(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="how the role's bundles spread over nodes (Ray placement group strategy)")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="custom Ray resources each bundle also takes: a node type's label "
+        "(e.g. {gpu_node: 0.001} with `ray start --resources='{\"gpu_node\": 1}'` on the GPU nodes)")
+
+    @model_validator(mode="after")
+    def _custom_only(self):
+        clash = {"CPU", "GPU", "memory", "object_store_memory"} & set(self.resources)
+        if clash:
+            raise ValueError(f"placement resources: {sorted(clash)} come from the role's own config "
+                             "(cpus_per_engine, cpus_per_rank, cpus_per_worker, device); name custom resources here")
+        if any(v <= 0 for v in self.resources.values()):
+            raise ValueError(f"placement resources must be > 0, got {self.resources}")
+        return self
+
+
+class PlacementConfig(BaseModel):
+    """Where each role's actors go: a strategy, and custom resources that pin them to a node type."""
+    model_config = ConfigDict(extra="forbid")
+    engines: RolePlacement = Field(default_factory=RolePlacement)
+    learner: RolePlacement = Field(default_factory=RolePlacement)
+    rewards: RolePlacement = Field(default_factory=RolePlacement)
 
 
 class Config(BaseModel):
@@ -120,6 +155,7 @@ class Config(BaseModel):
     algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
     sync: SyncConfig = Field(default_factory=SyncConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    placement: PlacementConfig = Field(default_factory=PlacementConfig)
 
     @model_validator(mode="before")
     @classmethod

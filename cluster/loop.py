@@ -47,8 +47,8 @@ def _run(cfg: Config, run_dir: Path, progress: bool, restarts: int) -> dict:
     cfg = resolve_precision(cfg)  # `auto` dtypes become what the hardware computes natively
     (run_dir / "config.yaml").write_text(dump_config(cfg))
     roles = create_roles(cfg, str(begin.policy), str(begin.reference), begin.resumed, begin.first_step - 1)
-    log = RunLog(run_dir, cfg.trainer.steps - begin.first_step + 1, progress, tensorboard=cfg.logging.tensorboard,
-                 first_step=begin.first_step, prometheus=cfg.logging.prometheus)
+    log = RunLog(run_dir, cfg.trainer.steps - begin.first_step + 1, progress, sinks=cfg.logging,
+                 first_step=begin.first_step, config=cfg.model_dump(mode="json"))
     T, P, G, R = cfg.run.timeout_s, cfg.trainer.prompts_per_step, cfg.trainer.group_size, cfg.learner.num_ranks
     started = time.monotonic()
     summary: dict = {"run_dir": str(run_dir), "data_skipped": task.skipped,

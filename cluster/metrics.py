@@ -8,7 +8,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .sinks import JsonlSink, LineSink, ProgressSink, PrometheusSink, Sink, TensorBoardSink
+from .config import LoggingConfig
+from .sinks import JsonlSink, LineSink, ProgressSink, PrometheusSink, Sink, TensorBoardSink, WandbSink
 
 
 def atomic_write(path: Path, write) -> None:
@@ -22,8 +23,9 @@ class RunLog:
     """The run directory's writer: per-step metrics to every sink, rollouts, summary, messages."""
 
     def __init__(self, run_dir: Path, total_steps: int, show_progress: bool = True, desc: str = "grpo",
-                 postfix: dict[str, str] | None = None, tensorboard: bool = True, first_step: int = 1,
-                 prometheus: bool = False):
+                 postfix: dict[str, str] | None = None, sinks: LoggingConfig = LoggingConfig(prometheus=False),
+                 first_step: int = 1, config: dict | None = None):
+        """`sinks` picks TensorBoard, Prometheus (needs Ray started) and W&B; `config` is what W&B records."""
         self.run_dir = run_dir
         (run_dir / "rollouts").mkdir(parents=True, exist_ok=True)
         self.sinks: list[Sink] = [JsonlSink(run_dir / "metrics.jsonl")]
@@ -35,10 +37,12 @@ class RunLog:
             self.bar = progress.bar
             self.sinks.append(progress)
         self.sinks.append(LineSink(self.print))
-        if tensorboard:
+        if sinks.tensorboard:
             self.sinks.append(TensorBoardSink(run_dir / "tensorboard", first_step))
-        if prometheus:  # needs Ray started
+        if sinks.prometheus:
             self.sinks.append(PrometheusSink(run_dir))
+        if sinks.wandb.project:
+            self.sinks.append(WandbSink(run_dir, sinks.wandb, config or {}, first_step))
 
     def step(self, metrics: dict) -> None:
         for sink in self.sinks:

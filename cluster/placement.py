@@ -16,7 +16,7 @@ from learner.group import LearnerGroup
 from rewards.pool import RewardPool
 from rewards.tasks import DEFAULT_REWARD
 
-from .config import Config, RunConfig
+from .config import Config, RolePlacement, RunConfig
 from .sync.broadcast import WeightSync
 
 log = logging.getLogger("groupflow")
@@ -44,14 +44,15 @@ def start_ray(run: RunConfig, cpus_needed: float) -> None:
              _system_config={"metrics_report_interval_ms": METRICS_INTERVAL_MS})
 
 
-def _reserve(name: str, bundles: list[dict], timeout_s: float):
-    pg = placement_group(bundles, strategy="PACK", name=name)
+def _reserve(name: str, bundles: list[dict], where: RolePlacement, timeout_s: float):
+    bundles = [{**b, **where.resources} for b in bundles]
+    pg = placement_group(bundles, strategy=where.strategy, name=name)
     try:
         ray.get(pg.ready(), timeout=timeout_s)
     except ray.exceptions.GetTimeoutError:
         remove_placement_group(pg)
-        raise TimeoutError(f"placement group {name!r} ({bundles}) could not be placed within "
-                           f"{timeout_s}s; cluster resources: {ray.cluster_resources()}") from None
+        raise TimeoutError(f"placement group {name!r} ({where.strategy}, {bundles}) could not be placed "
+                           f"within {timeout_s}s; cluster resources: {ray.cluster_resources()}") from None
     return pg, [{"scheduling_strategy": PlacementGroupSchedulingStrategy(pg, i)} for i in range(len(bundles))]
 
 
@@ -103,7 +104,7 @@ def _wait_engines(engines: list, timeout_s: float) -> None:
 def create_engines(cfg: Config, model_path: str) -> tuple[EngineGroup, object]:
     """Rollout engines alone (evaluation, pruning): started and ready; the caller kills them and
     removes the placement group."""
-    pg, opts = _reserve("groupflow-engines", _engine_bundles(cfg), cfg.run.timeout_s)
+    pg, opts = _reserve("groupflow-engines", _engine_bundles(cfg), cfg.placement.engines, cfg.run.timeout_s)
     engines = _launch_engines(cfg, model_path, opts)
     try:
         _wait_engines(engines, cfg.run.timeout_s)
@@ -117,7 +118,7 @@ def create_engines(cfg: Config, model_path: str) -> tuple[EngineGroup, object]:
 
 def create_reward_pool(cfg: Config) -> tuple[RewardPool, object]:
     """The configured reward (the task's default when rewards.components is empty), every scorer built."""
-    pg, opts = _reserve("groupflow-rewards", _reward_bundles(cfg), cfg.run.timeout_s)
+    pg, opts = _reserve("groupflow-rewards", _reward_bundles(cfg), cfg.placement.rewards, cfg.run.timeout_s)
     pool = RewardPool(cfg.rewards, opts, DEFAULT_REWARD[cfg.rewards.task.name])
     try:
         pool.ready(cfg.run.timeout_s)
@@ -134,11 +135,12 @@ def create_roles(cfg: Config, model_path: str, ref_path: str | None = None, resu
     and the engines start at policy `version`."""
     # All groups reserved first, then every actor launched, so engines and learner start together.
     lc, t = cfg.learner, cfg.run.timeout_s
-    eng_pg, eng_opts = _reserve("groupflow-engines", _engine_bundles(cfg), t)
+    where = cfg.placement
+    eng_pg, eng_opts = _reserve("groupflow-engines", _engine_bundles(cfg), where.engines, t)
     lrn_pg, lrn_opts = _reserve("groupflow-learner", [
         {"CPU": lc.cpus_per_rank, **({"GPU": 1} if lc.device == "cuda" else {})}
-        for _ in range(lc.num_ranks)], t)
-    rwd_pg, rwd_opts = _reserve("groupflow-rewards", _reward_bundles(cfg), t)
+        for _ in range(lc.num_ranks)], where.learner, t)
+    rwd_pg, rwd_opts = _reserve("groupflow-rewards", _reward_bundles(cfg), where.rewards, t)
 
     e = cfg.engines
     engines = _launch_engines(cfg, model_path, eng_opts, version)

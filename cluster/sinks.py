@@ -1,7 +1,8 @@
 """Where per-step metrics go: one `RunLog.step(metrics)` call feeds every sink of the run.
 
-jsonl (always: the record a resume rewinds), the progress bar, TensorBoard (`logging.tensorboard`),
-Prometheus through Ray's metrics API (`logging.prometheus`).
+jsonl (always: the record a resume rewinds), the progress bar and a line per step, TensorBoard
+(`logging.tensorboard`), Prometheus through Ray's metrics API (`logging.prometheus`), Weights & Biases
+(`logging.wandb.project`).
 A sink takes a flat dict of numbers per step; it never changes what the others see.
 """
 from __future__ import annotations
@@ -125,3 +126,24 @@ class PrometheusSink:
     def close(self) -> None:
         import time
         time.sleep(2.0)  # one export of the last values (a local Ray exports every second)
+
+
+class WandbSink:
+    """Weights & Biases, online or offline (files under RUN/wandb, no network: `wandb sync` later).
+    Each start of the run (a resume, a restart) is a W&B run of its own, grouped by the run dir."""
+
+    def __init__(self, run_dir: Path, cfg, config: dict, first_step: int = 1):
+        try:
+            import wandb
+        except ImportError:
+            raise RuntimeError("logging.wandb.project is set but wandb is not installed: pip install wandb") from None
+        name = run_dir.resolve().name + (f"-from-step-{first_step}" if first_step > 1 else "")
+        self.run = wandb.init(project=cfg.project, entity=cfg.entity, mode=cfg.mode, dir=str(run_dir),
+                              group=run_dir.resolve().name, name=name, config=config)
+
+    def write(self, metrics: dict) -> None:
+        self.run.log({tensorboard_tag(k): v for k, v in metrics.items() if k != "step" and isinstance(v, (int, float))
+                      and not isinstance(v, bool) and math.isfinite(v)}, step=int(metrics["step"]))
+
+    def close(self) -> None:
+        self.run.finish()

@@ -43,10 +43,15 @@ class LearnerActor:
         from cluster.sync.torch_dist import free_port
         return ray.util.get_node_ip_address(), free_port()
 
-    def setup(self, master_addr: str, master_port: int, mode: str = "rl") -> int:
+    def node(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    def setup(self, master_addr: str, master_port: int, mode: str = "rl", ranks_on_node: int = 1) -> int:
         """Join the ranks' process group and build the DeepSpeed engines (collective).
 
-        mode "rl": policy + reference (+ critic for ppo); "sft": the policy alone.
+        mode "rl": policy + reference (+ critic for ppo); "sft": the policy alone. On a CPU the ranks
+        sharing this node share its cores (`learner.threads` overrides). LOCAL_RANK stays 0: Ray shows
+        each rank its own GPU as cuda:0.
         """
         cfg = self.cfg
         os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK="0",
@@ -54,7 +59,7 @@ class LearnerActor:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         if cfg.device == "cpu":
             os.environ["DS_ACCELERATOR"] = "cpu"
-            torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // self.world_size))
+            torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // ranks_on_node))
         import deepspeed
         import transformers
         from transformers import AutoTokenizer

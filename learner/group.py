@@ -66,7 +66,9 @@ class LearnerGroup:
             for r, opts in enumerate(actor_options)
         ]
         master, port = _get(self.ranks[0].address.remote(), timeout_s, "reporting rank 0's address")
-        self.call("setup", master, port, mode, what="learner start-up (DeepSpeed init)")
+        nodes = self.call("node", what="reporting the ranks' nodes")
+        self.call("setup", per_rank=[(master, port, mode, nodes.count(n)) for n in nodes],
+                  what="learner start-up (DeepSpeed init)")
 
     def call(self, method: str, *args, what: str | None = None, per_rank: list | None = None):
         refs = [getattr(a, method).remote(*(per_rank[r] if per_rank else args))

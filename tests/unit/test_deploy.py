@@ -1,6 +1,7 @@
 """deploy/: cluster launcher YAMLs validated by Ray's own schema; KubeRay manifests, the Dockerfile and
 the SLURM script checked for what must agree with the code (image, entrypoint, resources)."""
 import copy
+import json
 import re
 import shlex
 import subprocess
@@ -38,6 +39,16 @@ def gpus_needed(cfg: Config) -> int:
     return cfg.engines.num_engines * cfg.engines.tensor_parallel_size + cfg.learner.num_ranks
 
 
+def custom_resources(cfg: Config) -> set[str]:
+    """The custom resources the config's placement pins its roles with."""
+    return {k for role in (cfg.placement.engines, cfg.placement.learner, cfg.placement.rewards) for k in role.resources}
+
+
+def start_flag_resources(text: str) -> set[str]:
+    """Custom resources declared by `ray start --resources='{...}'` in a script or command list."""
+    return {k for found in re.findall(r"--resources='(\{[^']*\})'", text) for k in json.loads(found)}
+
+
 def train_args(command: str) -> dict:
     """--config, --run-dir and --resume of a `groupflow train ...` command line."""
     words = shlex.split(command)
@@ -64,8 +75,13 @@ def test_cluster_yaml_agrees_with_the_code(path):
     needed = gpus_needed(run_config("deploy/configs/gpu-1.5b-8gpu.yaml"))
     text = path.read_text()
     assert "--config deploy/configs/gpu-1.5b-8gpu.yaml" in text and "--resume auto" in text
-    if config["provider"]["type"] == "local":
-        return  # the machines are the user's; the docker run options give them every GPU
+    cfg = run_config("deploy/configs/gpu-1.5b-8gpu.yaml")
+    if config["provider"]["type"] == "local":  # the machines are the user's: what `ray start` declares
+        declared = start_flag_resources(" ".join(config["head_start_ray_commands"] + config["worker_start_ray_commands"]))
+        assert custom_resources(cfg) <= declared, (custom_resources(cfg), declared)
+        return
+    declared = {k for node in config["available_node_types"].values() for k in node["resources"]}
+    assert custom_resources(cfg) <= declared, (custom_resources(cfg), declared)
     gpus = 0
     for node in config["available_node_types"].values():
         per_node = node["resources"].get("GPU") or GPUS_PER_INSTANCE.get(node["node_config"].get("InstanceType"), 0)
@@ -105,6 +121,9 @@ def test_kuberay_manifest_agrees_with_the_code(path):
         assert {"name": "shared", "mountPath": "/mnt"} in container["volumeMounts"]
         gpus += int(container["resources"]["limits"].get("nvidia.com/gpu", 0)) * group["maxReplicas"]
     assert gpus >= gpus_needed(cfg)
+    declared = {k for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+                for k in json.loads(json.loads(group["rayStartParams"].get("resources", '"{}"')))}
+    assert custom_resources(cfg) <= declared, (custom_resources(cfg), declared)
     cpus = int(head["resources"]["limits"]["cpu"])
     assert cpus >= cfg.rewards.num_workers * cfg.rewards.cpus_per_worker + 1  # reward workers + the driver
 
@@ -115,5 +134,6 @@ def test_slurm_script_parses_and_agrees_with_the_code():
     opts = dict(re.findall(r"^#SBATCH --([\w-]+)=(\S+)", text, re.M))
     config = re.search(r"CONFIG=\$\{CONFIG:-(\S+)\}", text).group(1)
     assert int(opts["nodes"]) * int(opts["gpus-per-node"]) >= gpus_needed(run_config(config))
+    assert custom_resources(run_config(config)) <= start_flag_resources(text)
     assert opts["signal"].startswith("B:TERM@")  # a warning before the time limit: a checkpoint, exit 143
     assert "--resume auto" in text and "RAY_JOB_STOP_WAIT_TIME_S" in text

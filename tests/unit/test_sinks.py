@@ -2,6 +2,7 @@
 TensorBoard's own reader."""
 import json
 
+from cluster.config import LoggingConfig, WandbConfig
 from cluster.metrics import RunLog
 from cluster.sinks import tensorboard_tag
 
@@ -43,7 +44,45 @@ def test_tags_group_by_prefix():
 
 
 def test_one_structured_line_per_step(capsys, tmp_path):
-    log = RunLog(tmp_path, 1, show_progress=False, tensorboard=False)
+    log = RunLog(tmp_path, 1, show_progress=False, sinks=LoggingConfig(tensorboard=False, prometheus=False))
     log.step({"step": 4, "reward_mean": 0.5, "kl": 0.012345, "time_step_s": 61.0, "not_in_the_line": 1})
     log.close()
     assert capsys.readouterr().out == "groupflow step=4 reward_mean=0.5 kl=0.01235 time_step_s=61\n"
+
+
+def wandb_history(run_dir) -> list[dict]:
+    """The history records of an offline W&B run, read from its .wandb file (LevelDB log framing of
+    protobuf records) with wandb's own protobuf schema."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+    [path] = run_dir.glob("wandb/offline-run-*/run-*.wandb")
+    data, pos, buf, rows = path.read_bytes(), 7, b"", []
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:  # a block's tail too short for a header is padding
+            pos += 32768 - pos % 32768
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind == 0:
+            break
+        buf = chunk if kind in (1, 2) else buf + chunk
+        if kind in (1, 4):
+            record = pb.Record()
+            record.ParseFromString(buf)
+            if record.WhichOneof("record_type") == "history":
+                rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item})
+    return rows
+
+
+def test_wandb_offline_records_every_step_without_network(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    log = RunLog(tmp_path, 2, show_progress=False, config={"trainer": {"steps": 2}},
+                 sinks=LoggingConfig(tensorboard=False, prometheus=False,
+                                     wandb=WandbConfig(project="groupflow-test", mode="offline")))
+    log.step({"step": 1, "reward_mean": 0.25, "loss": -0.5})
+    log.step({"step": 2, "reward_mean": 0.75, "loss": -0.25})
+    log.close()
+    rows = wandb_history(tmp_path)
+    assert [(r["_step"], r["reward/mean"], r["loss"]) for r in rows] == [(1, 0.25, -0.5), (2, 0.75, -0.25)]
