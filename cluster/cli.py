@@ -171,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     _env()
     if args.command in ("eval", "prune"):
         return _eval_or_prune(args, cfg)
+    from actors.group import EngineFailure
+
     from .checkpoint import CheckpointError
     from .loop import train
     from .preemption import Preempted
@@ -188,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as e:  # found only when the run starts (e.g. a resume on other data)
             print(f"groupflow: {e}", file=sys.stderr)
             return 2
-        except CheckpointError as e:
+        except (CheckpointError, EngineFailure, TimeoutError) as e:
             print(f"groupflow: {e}", file=sys.stderr)
             return 1
         except Preempted as p:

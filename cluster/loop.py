@@ -4,6 +4,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from actors.group import EngineFailure
 from learner.group import MemberDied
 from rewards.tasks import make_task
 
@@ -112,9 +113,10 @@ def _run(cfg: Config, run_dir: Path, progress: bool, restarts: int) -> dict:
         summary["wall_time_s"] = time.monotonic() - started
         log.write_json("summary.json", summary)
         return summary
-    except Preempted:
-        if saved < done:
-            log.print(f"groupflow: writing the checkpoint of step {done} before stopping")
+    except (Preempted, EngineFailure, MemberDied) as e:
+        # the learner holds the last finished step: keep it, unless a learner rank is what died
+        if saved < done and not (isinstance(e, MemberDied) and e.member.startswith("learner")):
+            log.print(f"groupflow: {e}; writing the checkpoint of step {done} before stopping")
             save(done)
         raise
     finally:

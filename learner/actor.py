@@ -57,6 +57,10 @@ class LearnerActor:
         os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK="0",
                           MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from cluster.sync.torch_dist import interface_of, route_ip
+        iface = interface_of(route_ip(master_addr))  # ranks on several hosts: not the loopback
+        if iface and iface != "lo":
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", iface)
         if cfg.device == "cpu":
             os.environ["DS_ACCELERATOR"] = "cpu"
             torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // ranks_on_node))

@@ -5,7 +5,7 @@ import time
 
 import ray
 
-from learner.group import wait_all
+from learner.group import MemberDied, wait_all
 
 from .base import SyncPlan, TensorSpec, plan_buckets
 
@@ -39,7 +39,16 @@ class WeightSync:
         self.plan = plan_buckets(self.specs, self.plan.dtype, bucket_mb)
 
     def _wait(self, refs, what: str, members: list[str] | None = None):
-        return wait_all(refs, members or [f"member {i}" for i in range(len(refs))], self.timeout_s, what)
+        try:
+            return wait_all(refs, members or [f"member {i}" for i in range(len(refs))], self.timeout_s, what)
+        except ray.exceptions.RayTaskError as e:  # a broken connection: is a peer gone?
+            for i, engine in enumerate(self.engines):
+                try:
+                    ray.get(engine.ready.remote(), timeout=10)
+                except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                    raise MemberDied(f"engine {i}", f"{what}: engine {i} is gone ({type(e.cause).__name__}: "
+                                     f"{str(e.cause).splitlines()[0][:200]})") from None
+            raise
 
     def _members(self) -> list[str]:
         return [f"learner rank {r}" for r in range(len(self.learner.ranks))] + \

@@ -9,6 +9,20 @@ import torch
 import torch.distributed as dist
 
 
+def route_ip(host: str) -> str:
+    """This machine's address on the route to `host` (no packet is sent). Gloo would otherwise bind
+    to what the hostname resolves to, often 127.0.0.1, which a peer on another host cannot reach."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect((host, 9))
+        return s.getsockname()[0]
+
+
+def interface_of(ip: str) -> str | None:
+    """The network interface holding `ip` (for GLOO_SOCKET_IFNAME), if any."""
+    import psutil
+    return next((name for name, addrs in psutil.net_if_addrs().items() if any(a.address == ip for a in addrs)), None)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))
@@ -25,7 +39,10 @@ class TorchDistTransport:
         store = dist.TCPStore(host, port, world_size, is_master=(rank == 0), timeout=self.timeout)
         prefix = dist.PrefixStore("groupflow-weight-sync", store)
         if backend == "gloo":
-            self.pg = dist.ProcessGroupGloo(prefix, rank, world_size, self.timeout)
+            opts = dist.ProcessGroupGloo._Options()
+            opts._timeout = self.timeout
+            opts._devices = [dist.ProcessGroupGloo.create_device(hostname=route_ip(host))]
+            self.pg = dist.ProcessGroupGloo(prefix, rank, world_size, opts)
         elif backend == "nccl":
             opts = dist.ProcessGroupNCCL.Options()
             opts._timeout = self.timeout
