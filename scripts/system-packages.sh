@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
-# Debian packages the tests need: chromium (a real browser opens `groupflow report`'s page) and
-# prometheus (it scrapes a real run; the Grafana dashboard's queries run against it).
+# Debian packages the tests need: chromium (a real browser opens `groupflow report`'s page),
+# prometheus (it scrapes a real run; the Grafana dashboard's queries run against it) and iproute2
+# (`ip netns`: the two-host test).
 set -euo pipefail
 SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
 export DEBIAN_FRONTEND=noninteractive
 updated=0
-need() {  # need COMMAND [apt-get options]: install the package of that name unless it is there
-    local name=$1; shift
-    command -v "$name" >/dev/null && return 0
-    if ! $SUDO apt-get install -y -qq "$@" "$name" >/dev/null; then
+need() {  # need COMMAND PACKAGE [apt-get options]: install PACKAGE unless COMMAND is there
+    local command=$1 package=$2; shift 2
+    command -v "$command" >/dev/null && return 0
+    if ! $SUDO apt-get install -y -qq "$@" "$package" >/dev/null; then
         [ $updated = 1 ] || { $SUDO apt-get update -qq; updated=1; }
-        $SUDO apt-get install -y -qq "$@" "$name" >/dev/null
+        $SUDO apt-get install -y -qq "$@" "$package" >/dev/null
     fi
-    echo "installed $name"
+    echo "installed $package"
 }
-need chromium                               # with its recommended fonts
-need prometheus --no-install-recommends     # the server alone, not the node exporters
+need chromium chromium                                  # with its recommended fonts
+need prometheus prometheus --no-install-recommends      # the server alone, not the node exporters
+need ip iproute2 --no-install-recommends
