@@ -13,6 +13,8 @@ import re
 import shutil
 from pathlib import Path
 
+from .metrics import atomic_write
+
 STATE = "trainer_state.json"  # written last: a directory without it is not a checkpoint
 _STEP = re.compile(r"step_(\d+)$")
 
@@ -140,9 +142,7 @@ def rewind(run_dir: Path, step: int) -> None:
     if metrics.is_file():
         kept = [line for line in metrics.read_text().splitlines()
                 if line.strip() and json.loads(line)["step"] <= step]
-        tmp = metrics.with_name(".metrics.jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, metrics)
+        atomic_write(metrics, lambda p: p.write_text("".join(line + "\n" for line in kept)))
     for f in (Path(run_dir) / "rollouts").glob("step_*.parquet"):
         m = _STEP.match(f.stem)
         if m and int(m.group(1)) > step:

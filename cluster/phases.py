@@ -8,14 +8,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from actors.group import EngineGroup
+from actors.group import EngineGroup, split
 from learner.algorithms import ADVANTAGES, overlong_penalty, process_advantages
 from learner.config import AlgorithmConfig
-
-
-def _split(items, k: int) -> list[tuple[int, int]]:
-    n = len(items)
-    return [(i * n // k, (i + 1) * n // k) for i in range(k)]
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -166,7 +161,7 @@ def shards(batch: pa.Table, num_ranks: int, seed: int, columns=PREPARE_COLUMNS) 
     """Equal contiguous slices, one per learner rank, as plain columns."""
     cols = [c for c in columns if c in batch.column_names]
     out = []
-    for a, b in _split(range(batch.num_rows), num_ranks):
+    for a, b in split(batch.num_rows, num_ranks):
         part = batch.slice(a, b - a)
         out.append({c: part.column(c).to_pylist() for c in cols} | {"seed": seed})
     return out

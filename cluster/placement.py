@@ -65,8 +65,7 @@ class Roles:
     pgs: list
 
     def shutdown(self):
-        for a in self.engines:
-            ray.kill(a)
+        self.engines.kill()
         self.rewards.shutdown()
         self.learner.shutdown()
         for pg in self.pgs:

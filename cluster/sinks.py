@@ -70,6 +70,14 @@ class LineSink:
         pass
 
 
+def numbers(metrics: dict, skip: tuple[str, ...] = ("step",)):
+    """(key, value) of the finite numbers among a step's metrics (the step itself is the x axis of a
+    plot, so skipped by default): what a sink can record."""
+    for key, value in metrics.items():
+        if key not in skip and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            yield key, value
+
+
 def tensorboard_tag(key: str) -> str:
     """reward_mean -> reward/mean, time_generate_s -> time/generate_s: TensorBoard groups by prefix."""
     return key.replace("_", "/", 1)
@@ -85,10 +93,8 @@ class TensorBoardSink:
 
     def write(self, metrics: dict) -> None:
         step = int(metrics["step"])
-        for key, value in metrics.items():
-            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool) \
-                    and math.isfinite(value):
-                self.writer.add_scalar(tensorboard_tag(key), value, step)
+        for key, value in numbers(metrics):
+            self.writer.add_scalar(tensorboard_tag(key), value, step)
         self.writer.flush()
 
     def close(self) -> None:
@@ -115,13 +121,12 @@ class PrometheusSink:
 
     def write(self, metrics: dict) -> None:
         from ray.util.metrics import Gauge
-        for key, value in metrics.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-                if key not in self.gauges:
-                    self.gauges[key] = Gauge(prometheus_name(key), f"groupflow per-step metric {key}",
-                                             ("run", "role", "rank"))
-                    self.gauges[key].set_default_tags(self.tags)
-                self.gauges[key].set(float(value))
+        for key, value in numbers(metrics, skip=()):  # the step is a gauge too
+            if key not in self.gauges:
+                self.gauges[key] = Gauge(prometheus_name(key), f"groupflow per-step metric {key}",
+                                         ("run", "role", "rank"))
+                self.gauges[key].set_default_tags(self.tags)
+            self.gauges[key].set(float(value))
 
     def close(self) -> None:
         import time
@@ -142,8 +147,7 @@ class WandbSink:
                               group=run_dir.resolve().name, name=name, config=config)
 
     def write(self, metrics: dict) -> None:
-        self.run.log({tensorboard_tag(k): v for k, v in metrics.items() if k != "step" and isinstance(v, (int, float))
-                      and not isinstance(v, bool) and math.isfinite(v)}, step=int(metrics["step"]))
+        self.run.log({tensorboard_tag(k): v for k, v in numbers(metrics)}, step=int(metrics["step"]))
 
     def close(self) -> None:
         self.run.finish()

@@ -1,7 +1,6 @@
 """A real Prometheus (Debian's `prometheus`) scraping a run's Ray metrics endpoint, and its HTTP API."""
 import json
 import shutil
-import socket
 import subprocess
 import time
 import urllib.parse
@@ -10,13 +9,8 @@ from pathlib import Path
 
 import yaml
 
+from cluster.sync.torch_dist import free_port
 from tests.conftest import ROOT
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Prometheus:

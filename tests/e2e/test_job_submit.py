@@ -3,24 +3,18 @@
 import json
 import os
 import re
-import socket
 import subprocess
 import time
 
 import pytest
 
+from cluster.sync.torch_dist import free_port
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.e2e
 
 RAY = str(ROOT / ".venv" / "bin" / "ray")
 GROUPFLOW = str(ROOT / ".venv" / "bin" / "groupflow")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,8 @@ def train_smoke(run_dir, *overrides) -> list[dict]:
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     """The smoke run, scraped meanwhile by a real Prometheus (kept for the dashboard test)."""
-    from tests.prometheus import Prometheus, free_port
+    from cluster.sync.torch_dist import free_port
+    from tests.prometheus import Prometheus
     run_dir, port = tmp_path_factory.mktemp("smoke"), free_port()
     prometheus = Prometheus(tmp_path_factory.mktemp("prometheus"), port)
     start = time.time()
