@@ -24,6 +24,14 @@ def split(n: int, k: int) -> list[tuple[int, int]]:
     return [(i * n // k, (i + 1) * n // k) for i in range(k)]
 
 
+class Generation:
+    """A generation in flight: its prompts, sampling, and the engines' refs (share by share)."""
+
+    def __init__(self, rows: list[dict], n: int, greedy: bool, first_group: int, seed: Optional[int]):
+        self.rows, self.n, self.greedy, self.first_group, self.seed = rows, n, greedy, first_group, seed
+        self.pending: dict = {}  # ref -> (engine index, first row, end row)
+
+
 class EngineGroup:
     def __init__(self, actors: list, launch: Optional[Callable[[int], object]] = None, max_restarts: int = 0,
                  timeout_s: float = 1800.0):
@@ -43,30 +51,73 @@ class EngineGroup:
 
     def generate(self, rows: list[dict], n: int, timeout_s: float, greedy: bool = False, first_group: int = 0,
                  seed: Optional[int] = None) -> pa.Table:
-        """Each engine takes a contiguous share of the prompts, all at once; groups stay on one engine.
-        With a `seed`, each share is sampled with seed + its first group id, so a share redone on a
-        replacement engine is drawn the same way. A share whose engine died is redone there."""
-        def submit(i: int, a: int, b: int):
-            return self.actors[i].generate.remote(rows[a:b], list(range(first_group + a, first_group + b)), n,
-                                                  greedy, None if seed is None else seed + first_group + a)
+        return self.collect(self.submit(rows, n, greedy, first_group, seed), timeout_s)
 
-        pending = {submit(i, a, b): (i, a, b) for i, (a, b) in enumerate(split(len(rows), len(self.actors)))
-                   if b > a}
+    def submit(self, rows: list[dict], n: int, greedy: bool = False, first_group: int = 0,
+               seed: Optional[int] = None) -> "Generation":
+        """Start generating: each engine takes a contiguous share of the prompts, all at once; groups
+        stay on one engine. With a `seed`, each share is sampled with seed + its first group id, so a
+        share redone on a replacement engine is drawn the same way. Returns at once."""
+        if not rows:
+            raise ValueError("nothing to generate: no prompts")
+        gen = Generation(rows, n, greedy, first_group, seed)
+        for i, (a, b) in enumerate(split(len(rows), len(self.actors))):
+            if b > a:
+                self._submit_share(gen, i, a, b)
+        return gen
+
+    def _submit_share(self, gen: "Generation", i: int, a: int, b: int) -> None:
+        ref = self.actors[i].generate.remote(gen.rows[a:b], list(range(gen.first_group + a, gen.first_group + b)),
+                                             gen.n, gen.greedy, None if gen.seed is None else gen.seed + gen.first_group + a)
+        gen.pending[ref] = (i, a, b)
+
+    def collect(self, gen: "Generation", timeout_s: float) -> pa.Table:
+        """Wait for a submitted generation; a share whose engine died is redone on its replacement."""
         tables: dict[int, pa.Table] = {}
         deadline = time.monotonic() + timeout_s
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+        while gen.pending:
+            ready, _ = ray.wait(list(gen.pending), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
             if not ready:
-                raise TimeoutError(f"engines did not generate {len(rows)} x {n} samples within {timeout_s}s "
-                                   f"(waiting for engines {sorted({pending[r][0] for r in pending})})")
-            i, a, b = pending.pop(ready[0])
+                raise TimeoutError(f"engines did not generate {len(gen.rows)} x {gen.n} samples within {timeout_s}s "
+                                   f"(waiting for engines {sorted({i for i, _, _ in gen.pending.values()})})")
+            i, a, b = gen.pending.pop(ready[0])
             try:
                 tables[a] = ray.get(ready[0])
             except ray.exceptions.RayActorError as e:
                 self.replace(i, e)
-                pending[submit(i, a, b)] = (i, a, b)  # only the lost prompts are generated again
+                self._submit_share(gen, i, a, b)  # only the lost prompts are generated again
                 deadline = time.monotonic() + timeout_s
-        return pa.concat_tables([tables[a] for a in sorted(tables)])
+        spans = [(float(t.schema.metadata[b"generate_began"]), float(t.schema.metadata[b"generate_ended"]))
+                 for t in tables.values()]
+        table = pa.concat_tables([tables[a].replace_schema_metadata(None) for a in sorted(tables)])
+        # when the engines began and ended this generation (wall clock): the driver's idle accounting
+        return table.replace_schema_metadata({"generate_began": repr(min(s for s, _ in spans)),
+                                              "generate_ended": repr(max(e for _, e in spans))})
+
+    def continue_turns(self, requests: list[dict], timeout_s: float, greedy: bool = False,
+                       seed: int | None = None) -> list[dict]:
+        """The next turn of many trajectories (RolloutActor.continue_turns), spread over the engines
+        in one call each; a share whose engine died is redone on its replacement. In order."""
+        shares = [(i, a, b) for i, (a, b) in enumerate(split(len(requests), len(self.actors))) if b > a]
+
+        def submit(i: int, a: int, b: int):
+            return self.actors[i].continue_turns.remote(requests[a:b], greedy, None if seed is None else seed + a)
+
+        pending = {submit(*share): share for share in shares}
+        out: list = [None] * len(requests)
+        deadline = time.monotonic() + timeout_s
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                raise TimeoutError(f"engines did not continue {len(requests)} trajectories within {timeout_s}s")
+            i, a, b = pending.pop(ready[0])
+            try:
+                out[a:b] = ray.get(ready[0])
+            except ray.exceptions.RayActorError as e:
+                self.replace(i, e)
+                pending[submit(i, a, b)] = (i, a, b)
+                deadline = time.monotonic() + timeout_s
+        return out
 
     def replace(self, i: int, error: BaseException) -> None:
         """Start engine i again on its bundle; the driver's `on_replaced` brings it up to date."""

@@ -54,10 +54,12 @@ class RolloutActor:
             self.engine.reseed(seed)
         prompt_ids = [self.engine.chat_token_ids(r["messages"]) for r in rows]
         self._busy.set(1)
+        began = time.time()  # wall clock: the driver compares it across steps (engines' idle time)
         try:
             outs = self.engine.generate(prompt_ids, n, greedy)
         finally:
             self._busy.set(0)
+        ended = time.time()
         self._samples.inc(len(rows) * n)
         cols = {k: [] for k in ROLLOUT_SCHEMA.names}
         for row, gid, pids, samples in zip(rows, group_ids, prompt_ids, outs):
@@ -71,7 +73,39 @@ class RolloutActor:
                 cols["completion_offsets"].append(s["offsets"])
                 cols["finish_reason"].append(s["finish_reason"])
                 cols["policy_version"].append(self.policy_version)
-        return pa.table(cols, schema=ROLLOUT_SCHEMA)
+        return pa.table(cols, schema=ROLLOUT_SCHEMA.with_metadata(
+            {"generate_began": repr(began), "generate_ended": repr(ended)}))
+
+    def continue_turns(self, requests: list[dict], greedy: bool = False, seed: int | None = None) -> list[dict]:
+        """The next turn of several trajectories in one engine call. A request: {"context": token ids
+        so far (prompt and completion), "observation": text, "budget": tokens left for the
+        observation and the turn, "cap": observation tokens at most}. Returns per request the
+        observation's token ids and the new turn, or {"skipped": True} when the observation is over
+        its cap or the budget leaves no room for a turn after it."""
+        if seed is not None:
+            self.engine.reseed(seed)
+        out: list[dict] = [{} for _ in requests]
+        go, contexts, budgets = [], [], []
+        eos = self.engine.tokenizer.eos_token_id
+        for i, r in enumerate(requests):
+            obs, cut = self.engine.turns.observation_ids(r["observation"], r["cap"])
+            if r["context"][-1:] != [eos]:  # a turn cut by its budget: the template closes it
+                obs = [eos] + obs
+            room = min(r["budget"] - len(obs), self.engine.cfg.max_new_tokens)
+            out[i] = {"observation_ids": obs, "observation_cut": cut, "skipped": cut or room < 1}
+            if not out[i]["skipped"]:
+                go.append(i)
+                contexts.append(list(r["context"]) + obs)
+                budgets.append(room)
+        self._busy.set(1)
+        try:
+            turns = self.engine.continue_turns(contexts, budgets, greedy) if go else []
+        finally:
+            self._busy.set(0)
+        for i, turn in zip(go, turns):
+            out[i].update(turn)
+        self._samples.inc(len(go))
+        return [{**o, "policy_version": self.policy_version} for o in out]
 
     def init_weight_sync(self, host: str, port: int, rank_offset: int, world_size: int,
                          backend: str, timeout_s: float) -> list[int]:
@@ -81,9 +115,10 @@ class RolloutActor:
         """Benchmark floor: receive one flat buffer over the weight-sync group, load nothing."""
         self.engine.raw_receive(numel, dtype)
 
-    def load_weights(self, plan, version: int) -> int:
+    def load_weights(self, plan) -> int:
+        """Receive a push. The policy version comes with the weights, from the learner that sent
+        them, so what a sample records is what generated it, whoever asked for the push."""
         start = time.monotonic()
-        self.engine.load_weights(plan)
-        self.policy_version = version
-        log.debug("weights v%d loaded in %.2fs", version, time.monotonic() - start)
-        return version
+        self.policy_version = self.engine.load_weights(plan)
+        log.debug("weights v%d loaded in %.2fs", self.policy_version, time.monotonic() - start)
+        return self.policy_version

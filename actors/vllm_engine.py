@@ -6,6 +6,7 @@ import logging
 import os
 import warnings
 
+from .chat import TurnTemplate
 from .config import EngineConfig
 
 EXTENSION = "actors.vllm_worker_ext.WeightSyncExtension"
@@ -45,10 +46,10 @@ class VLLMEngine:
             kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
+        self.turns = TurnTemplate(self.tokenizer)  # multi-turn: observations appended as token ids
 
     def chat_token_ids(self, messages: list[dict]) -> list[int]:
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self.turns.prompt_ids(messages)
 
     def generate(self, prompt_ids: list[list[int]], n: int, greedy: bool) -> list[list[dict]]:
         """For each prompt, n samples: token ids, per-token logprobs, text, finish reason."""
@@ -62,19 +63,28 @@ class VLLMEngine:
             top_p=1.0 if greedy else self.cfg.top_p)
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], params,
                                  use_tqdm=False)
-        result = []
-        for out in outs:
-            samples = []
-            for c in out.outputs:
-                ids = list(c.token_ids)
-                picked = [c.logprobs[i][t] for i, t in enumerate(ids)] if c.logprobs else []
-                # Character offset where each token ends: lets a process reward map its steps
-                # (found in the text) to token indices without a tokenizer of its own.
-                offsets = list(itertools.accumulate(len(p.decoded_token or "") for p in picked))
-                samples.append({"token_ids": ids, "logprobs": [p.logprob for p in picked], "text": c.text,
-                                "offsets": offsets, "finish_reason": c.finish_reason or "length"})
-            result.append(samples)
-        return result
+        return [[self._sample(c) for c in out.outputs] for out in outs]
+
+    def continue_turns(self, contexts: list[list[int]], max_tokens: list[int], greedy: bool) -> list[dict]:
+        """One more model turn for each context (token ids as they are: prompt, earlier turns and the
+        observation), all in one engine call; each with its own token budget."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = [SamplingParams(n=1, max_tokens=m, logprobs=0, temperature=0.0 if greedy else self.cfg.temperature,
+                                 top_p=1.0 if greedy else self.cfg.top_p) for m in max_tokens]
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=c) for c in contexts], params, use_tqdm=False)
+        return [self._sample(out.outputs[0]) for out in outs]
+
+    @staticmethod
+    def _sample(c) -> dict:
+        ids = list(c.token_ids)
+        picked = [c.logprobs[i][t] for i, t in enumerate(ids)] if c.logprobs else []
+        # Character offset where each token ends: lets a process reward map its steps
+        # (found in the text) to token indices without a tokenizer of its own.
+        offsets = list(itertools.accumulate(len(p.decoded_token or "") for p in picked))
+        return {"token_ids": ids, "logprobs": [p.logprob for p in picked], "text": c.text,
+                "offsets": offsets, "finish_reason": c.finish_reason or "length"}
 
     def reseed(self, seed: int) -> None:
         """Sampling draws from each worker's global torch generator: seed it for the next call."""
@@ -87,7 +97,9 @@ class VLLMEngine:
     def raw_receive(self, numel: int, dtype: str) -> None:
         self.llm.collective_rpc("gf_raw_receive", args=(numel, dtype))
 
-    def load_weights(self, plan) -> None:
-        self.llm.collective_rpc("gf_receive", args=(plan,))
+    def load_weights(self, plan) -> int:
+        """Receive and load a push; returns the policy version it carried."""
+        versions = self.llm.collective_rpc("gf_receive", args=(plan,))
         # Cached prefixes were computed with the old weights.
         self.llm.reset_prefix_cache()
+        return versions[0]

@@ -44,8 +44,11 @@ class WeightSyncExtension:
         self._gf_transport.broadcast(torch.empty(numel, dtype=DTYPES[dtype], device=self.device))
 
     def gf_receive(self, plan: SyncPlan) -> int:
+        """Receive a push; returns the policy version the learner sent first (what these weights are)."""
         transport = self._gf_transport
         dtype = DTYPES[plan.dtype]
+        header = torch.zeros(1, dtype=torch.int64, device=self.device)
+        transport.broadcast(header)
 
         def receive(k: int):
             flat = torch.empty(sum(s.numel for s in plan.buckets[k]), dtype=dtype, device=self.device)
@@ -63,4 +66,4 @@ class WeightSyncExtension:
         self.model_runner.reload_weights(weights_iterator=stream(), is_checkpoint_format=True)
         if self.device.type == "cpu":
             _repack_kept_cpu_gemms(self.model_runner.model)
-        return plan.total_bytes
+        return int(header.item())

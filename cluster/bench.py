@@ -45,9 +45,54 @@ def train_report(cfg: Config, run_dir: Path) -> dict:
         "step_time_s_median": statistics.median(r["time_step_s"] for r in rows),
         "phase_share": phase_shares(rows),
         "generated_tokens_per_s_median": statistics.median(r["generated_tokens_per_s"] for r in rows),
+        "engine_idle_fraction_median": _median(rows[1:], "engine_idle_fraction"),
+        "learner_idle_fraction_median": _median(rows, "learner_idle_fraction"),
         "reward_mean_first_last": [rows[0]["reward_mean"], rows[-1]["reward_mean"]],
         "run_dir": str(run_dir),
     }
+
+
+def _median(rows: list[dict], key: str) -> float | None:
+    values = [r[key] for r in rows if key in r]
+    return statistics.median(values) if values else None
+
+
+def _sides(rows: list[dict]) -> dict:
+    """Medians over steps 2.. (step 1 cannot overlap: nothing was generated ahead of it)."""
+    steady = rows[1:] or rows
+    gen = statistics.median(r["time_generate_s"] + r["time_reward_s"] for r in steady)
+    train = statistics.median(r["time_prepare_s"] + r["time_learner_s"] + r["time_sync_s"] for r in steady)
+    return {"step_s_median": statistics.median(r["time_step_s"] for r in steady),
+            "generation_s_median": gen, "training_s_median": train,
+            "learner_waited_s_median": _median(steady, "time_learner_waited_s"),
+            "engines_waited_s_median": _median(steady, "time_engines_waited_s"),
+            "engine_idle_fraction_median": _median(steady, "engine_idle_fraction"),
+            "learner_idle_fraction_median": _median(steady, "learner_idle_fraction"),
+            "policy_lag_max": max(r.get("policy_lag_max", 0) for r in rows),
+            "reward_mean_first_last": [rows[0]["reward_mean"], rows[-1]["reward_mean"]]}
+
+
+def async_report(cfg: Config, run_dir: Path) -> dict:
+    """The same config trained synchronously, then asynchronously, one after the other on this
+    machine: step times, each side's time, and async's step against max(generation, training) (the
+    overlap's bound: goal <= 1.1) and against sync's step."""
+    from .loop import train
+
+    runs = {}
+    for mode in ("sync", "async"):
+        tree = cfg.model_dump(mode="json")
+        tree["trainer"]["mode"] = mode
+        if mode == "sync" and cfg.trainer.mode == "async":  # the async default cap is async's own
+            tree["algorithm"]["tis_cap"] = None
+        summary = train(Config.model_validate(tree), run_dir / mode, progress=True)
+        runs[mode] = {**_sides(read_metrics(run_dir / mode)), "wall_time_s": summary["wall_time_s"],
+                      "run_dir": str(run_dir / mode)}
+    a, s = runs["async"], runs["sync"]
+    return {"machine": machine_info(), "steps": cfg.trainer.steps, "max_staleness": cfg.trainer.max_staleness,
+            "runs": runs,
+            "async_step_over_max_side": a["step_s_median"] / max(a["generation_s_median"], a["training_s_median"]),
+            "async_step_over_sync_max_side": a["step_s_median"] / max(s["generation_s_median"], s["training_s_median"]),
+            "speedup_over_sync": s["step_s_median"] / a["step_s_median"]}
 
 
 def synthetic_batch(cfg: Config, vocab: int, seed: int, ragged: bool = False):

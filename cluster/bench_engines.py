@@ -97,15 +97,15 @@ def sync_report(cfg: Config, run_dir: Path, repeats: int = 5, sweep_mb=(16, 64, 
     roles = create_roles(cfg, model_path, model_path)
     try:
         sync = roles.sync
-        sync.push(0)
+        sync.push()
         sync.raw_broadcast()  # warm-up of both paths
-        push = [sync.push(v)["time_sync_s"] for v in range(1, repeats + 1)]
+        push = [sync.push()["time_sync_s"] for _ in range(repeats)]
         raw = [sync.raw_broadcast() for _ in range(repeats)]
         sweep = {}
         for mb in sweep_mb:
             sync.replan(mb)
             sweep[str(mb)] = {"buckets": len(sync.plan.buckets),
-                              "push_s_median": statistics.median(sync.push(0)["time_sync_s"] for _ in range(3))}
+                              "push_s_median": statistics.median(sync.push()["time_sync_s"] for _ in range(3))}
         sync.replan(cfg.sync.bucket_mb)
         total = sync.plan.total_bytes
     finally:

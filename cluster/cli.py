@@ -75,12 +75,21 @@ def _parser() -> argparse.ArgumentParser:
                         "directories overlay their curves. Opens in any browser, offline.")
     rp.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     rp.add_argument("--out", help="the HTML file (default: RUN_DIR/report.html of the first run)")
+    tr = sub.add_parser("traces", help="tool-use conversations for `groupflow sft` (data.messages_field: messages)",
+                        description="Writes COUNT jsonl conversations from the configured task's training prompts: "
+                        "the environment's first messages, a correct tool call, its result, the answer.")
+    tr.add_argument("--config")
+    tr.add_argument("--count", type=_positive, default=1000)
+    tr.add_argument("--out", required=True, help="the jsonl file to write")
+    tr.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     b = sub.add_parser("bench", help="benchmarks with JSON output")
     bsub = b.add_subparsers(dest="bench", required=True)
     bt = bsub.add_parser("train", help="run a training and report wall time, accuracy and phase shares")
     bt.add_argument("--config")
     bt.add_argument("--run-dir")
     bt.add_argument("--json", help="also write the report here")
+    bt.add_argument("--mode", choices=("sync", "async"), help="async: train the config synchronously, then "
+                    "asynchronously, and compare (RUN_DIR/sync, RUN_DIR/async)")
     bt.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     bm = bsub.add_parser("memory", help="peak learner memory of PPO (with its critic) vs GRPO on one batch")
     bm.add_argument("--config")
@@ -169,6 +178,12 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(describe()) if args.describe else dump_config(cfg).rstrip())
         return 0
     _env()
+    if args.command == "traces":
+        from rewards.tasks import make_task
+        from rewards.traces import write_traces
+        n = write_traces(make_task(cfg.rewards.task, cfg.trainer.seed), cfg.rollout.env, args.count, Path(args.out))
+        print(f"groupflow: {n} {cfg.rollout.env} traces written to {args.out}")
+        return 0
     if args.command in ("eval", "prune"):
         return _eval_or_prune(args, cfg)
     from actors.group import EngineFailure
@@ -199,8 +214,11 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(summary, indent=2))
         return 0
     from . import bench
-    if args.bench == "train":
-        report = bench.train_report(cfg, run_dir)
+    if args.bench == "train" and args.mode == "async":
+        report = bench.async_report(cfg, run_dir)
+    elif args.bench == "train":
+        report = bench.train_report(cfg.model_copy(update={"trainer": cfg.trainer.model_copy(
+            update={"mode": args.mode})}) if args.mode else cfg, run_dir)
     else:
         import ray
 
@@ -217,11 +235,27 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if args.bench == "learner":
         print(_learner_table(report))
+    elif args.bench == "train" and args.mode == "async":
+        print(_async_table(report))
     elif args.bench in ("rollout", "sync"):
         print(_ratio_table(args.bench, report))
     if args.json:
         Path(args.json).write_text(text + "\n")
     return 0
+
+
+def _async_table(report: dict) -> str:
+    rows = [("step (median of steps 2..)", "step_s_median"), ("generation + scoring", "generation_s_median"),
+            ("pi_old/pi_ref + update + sync", "training_s_median"), ("learner waited", "learner_waited_s_median"),
+            ("engines waited", "engines_waited_s_median"), ("wall time", "wall_time_s")]
+    lines = [f"{'seconds':32} {'sync':>8} {'async':>8}"]
+    for label, key in rows:
+        cells = [report["runs"][m].get(key) for m in ("sync", "async")]
+        lines.append(f"{label:32} " + " ".join(f"{c:8.1f}" if c is not None else f"{'-':>8}" for c in cells))
+    lines.append(f"async step / max(generation, training) of the async run: {report['async_step_over_max_side']:.2f} "
+                 f"(of the sync run: {report['async_step_over_sync_max_side']:.2f}); speedup over sync: "
+                 f"{report['speedup_over_sync']:.2f}x")
+    return "\n".join(lines)
 
 
 def _learner_table(report: dict) -> str:

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from actors.config import EngineConfig
 from learner.config import AlgorithmConfig, LearnerConfig, check_batch_split
-from rewards.config import RewardsConfig
+from rewards.config import RewardsConfig, RolloutConfig
 
 SMOLLM2 = "smollm2"
 
@@ -65,6 +65,11 @@ class TrainerConfig(BaseModel):
     keep_checkpoints: int = Field(2, ge=0, description="keep the newest N checkpoints (0: all)")
     preempt_grace_s: float = Field(120.0, ge=0, description="on SIGTERM/SIGINT: finish the step in flight "
                                    "if its update starts within this time, else drop it; then checkpoint and exit")
+    mode: Literal["sync", "async"] = Field(
+        "sync", description="async: the next batch generates while the learner trains on this one (off-policy "
+        "by up to max_staleness versions, corrected as docs/algorithms.md says)")
+    max_staleness: int = Field(1, ge=1, description="async: a sample is trained on at most this many policy "
+                               "versions after the one that generated it (k=1 pushes weights every step, k=2 every other)")
     resume_from: Optional[str] = Field(
         None, description="'auto': continue from the newest complete checkpoint in the run dir (start afresh "
         "if none); or a checkpoint dir: its weights, optimizer moments, data cursor, RNG and reference")
@@ -144,6 +149,9 @@ class PlacementConfig(BaseModel):
     rewards: RolePlacement = Field(default_factory=RolePlacement)
 
 
+ASYNC_TIS_CAP = 2.0  # algorithm.tis_cap when trainer.mode=async leaves it unset
+
+
 class Config(BaseModel):
     model_config = ConfigDict(extra="forbid")
     run: RunConfig = Field(default_factory=RunConfig)
@@ -151,6 +159,7 @@ class Config(BaseModel):
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     engines: EngineConfig = Field(default_factory=EngineConfig)
     rewards: RewardsConfig = Field(default_factory=RewardsConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
     algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
     sync: SyncConfig = Field(default_factory=SyncConfig)
@@ -172,6 +181,20 @@ class Config(BaseModel):
         if self.algorithm.supervision == "process" and not any(c.name == "python" for c in self.rewards.components):
             raise ValueError("algorithm.supervision=process needs a reward that returns per-step rewards: "
                              "a `python` component in rewards.components (e.g. deploy/rewards/steps.py)")
+        if self.rollout.multi_turn and self.algorithm.supervision == "process":
+            raise ValueError("algorithm.supervision=process scores steps of one completion; with rollout.env "
+                             f"{self.rollout.env} a trajectory has several turns: use outcome supervision")
+        if self.rollout.multi_turn and self.engines.max_model_len <= self.engines.max_new_tokens:
+            raise ValueError("engines.max_model_len must leave room for the prompt and the turns")
+        if self.rollout.multi_turn and self.rollout.max_total_tokens < self.engines.max_new_tokens:
+            raise ValueError(f"rollout.max_total_tokens={self.rollout.max_total_tokens} must hold at least one turn "
+                             f"(engines.max_new_tokens={self.engines.max_new_tokens})")
+        if self.trainer.mode == "async":
+            if not self.sync.enabled:
+                raise ValueError("trainer.mode=async needs sync.enabled=true: engines that never get new weights "
+                                 "would fall behind the learner without bound")
+            if self.algorithm.tis_cap is None:  # the ratio must reach the behaviour policy: docs/algorithms.md
+                self.algorithm = self.algorithm.model_copy(update={"tis_cap": ASYNC_TIS_CAP})
         if self.sync_backend == "nccl" and "cpu" in (self.engines.device, self.learner.device):
             raise ValueError("sync.backend=nccl needs engines.device=cuda and learner.device=cuda")
         return self

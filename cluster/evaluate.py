@@ -21,6 +21,7 @@ from rewards.tasks import make_task
 
 from . import phases
 from .config import Config
+from .generator import Generator
 from .placement import create_engines, create_reward_pool, start_ray
 from .precision import resolve_precision
 
@@ -41,11 +42,10 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
 
 
-def solved_counts(engines: list, pool, rows: list[dict], samples: int, timeout_s: float,
-                  greedy: bool) -> tuple[list[int], pa.Table, dict]:
-    """Generate `samples` completions per row and score them: (solved count per row, the scored
-    rollouts, reward failure counts)."""
-    scored, failures = phases.score(pool, phases.generate(engines, rows, samples, timeout_s, greedy=greedy), rows)
+def solved_counts(generator, pool, rows: list[dict], samples: int, greedy: bool) -> tuple[list[int], pa.Table, dict]:
+    """Generate `samples` completions (or conversations) per row and score them: (solved count per
+    row, the scored rollouts, reward failure counts)."""
+    scored, failures = phases.score(pool, generator.generate(rows, samples, greedy=greedy), rows)
     return count_solved(scored, len(rows)), scored, failures
 
 
@@ -60,8 +60,7 @@ def count_solved(scored: pa.Table, groups: int) -> list[int]:
     return counts
 
 
-def eval_metrics(engines: list, pool, rows: list[dict], samples: int, timeout_s: float,
-                 greedy_when_one: bool = True) -> dict:
+def eval_metrics(generator, pool, rows: list[dict], samples: int, greedy_when_one: bool = True) -> dict:
     """{"eval_pass@1", "eval_pass@K", "eval_prompts", "eval_samples", "eval_reward_mean",
     "eval_reward_failures", "eval_time_s"} over `rows`, K = samples.
 
@@ -71,8 +70,7 @@ def eval_metrics(engines: list, pool, rows: list[dict], samples: int, timeout_s:
     if not rows or samples < 1:
         raise ValueError(f"evaluation needs prompts and samples >= 1 (got {len(rows)} prompts, samples={samples})")
     start = time.monotonic()
-    counts, scored, failures = solved_counts(engines, pool, rows, samples, timeout_s,
-                                             greedy=greedy_when_one and samples == 1)
+    counts, scored, failures = solved_counts(generator, pool, rows, samples, greedy=greedy_when_one and samples == 1)
     out = {"eval_pass@1": sum(c / samples for c in counts) / len(rows)}
     out[f"eval_pass@{samples}"] = sum(pass_at_k(samples, c, samples) for c in counts) / len(rows)
     out.update({"eval_prompts": len(rows), "eval_samples": samples,
@@ -83,8 +81,8 @@ def eval_metrics(engines: list, pool, rows: list[dict], samples: int, timeout_s:
 
 
 @contextmanager
-def serving(cfg: Config, model_path: str) -> Iterator[tuple[list, object]]:
-    """Engines on `model_path` and the configured reward pool; on exit every actor, placement group
+def serving(cfg: Config, model_path: str) -> Iterator[tuple[Generator, object]]:
+    """Engines on `model_path` (behind a Generator: one turn, or conversations) and the configured reward pool; on exit every actor, placement group
     and (if this started it) Ray itself is stopped, also after an error or Ctrl-C."""
     owns_ray = not ray.is_initialized()
     start_ray(cfg.run, cfg.engines.num_engines * cfg.engines.cpus_per_engine
@@ -96,7 +94,7 @@ def serving(cfg: Config, model_path: str) -> Iterator[tuple[list, object]]:
         pgs.append(pg)
         engines, pg = create_engines(cfg, model_path)
         pgs.append(pg)
-        yield engines, pool
+        yield Generator(engines, pool, cfg.rollout, cfg.engines.max_model_len, cfg.run.timeout_s), pool
     finally:
         for a in engines:
             ray.kill(a)
@@ -121,9 +119,9 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str, split: str = "eval", sampl
     started = time.monotonic()
     checkpoint = str(Path(checkpoint).resolve())
     rows = split_rows(cfg, checkpoint, split)
-    with serving(cfg, checkpoint) as (engines, pool):
+    with serving(cfg, checkpoint) as (generator, pool):
         ready = time.monotonic()
-        m = eval_metrics(engines, pool, rows, samples, cfg.run.timeout_s)
+        m = eval_metrics(generator, pool, rows, samples)
     report = {"checkpoint": checkpoint, "task": cfg.rewards.task.name, "split": split, "prompts": m["eval_prompts"],
               "samples": samples, "decoding": "greedy" if samples == 1 else f"temperature {cfg.engines.temperature}"}
     report.update({k.removeprefix("eval_"): v for k, v in m.items()

@@ -12,6 +12,7 @@ from . import checkpoint, phases
 from .config import Config, ConfigError, dump_config
 from .evaluate import eval_metrics
 from .metrics import RunLog
+from .pipeline import Rollouts
 from .placement import create_roles, start_ray
 from .precision import resolve_precision
 from .preemption import Preempted, Preemption
@@ -50,7 +51,7 @@ def _run(cfg: Config, run_dir: Path, progress: bool, restarts: int) -> dict:
     roles = create_roles(cfg, str(begin.policy), str(begin.reference), begin.resumed, begin.first_step - 1)
     log = RunLog(run_dir, cfg.trainer.steps - begin.first_step + 1, progress, sinks=cfg.logging,
                  first_step=begin.first_step, config=cfg.model_dump(mode="json"))
-    T, P, G, R = cfg.run.timeout_s, cfg.trainer.prompts_per_step, cfg.trainer.group_size, cfg.learner.num_ranks
+    R = cfg.learner.num_ranks
     started = time.monotonic()
     summary: dict = {"run_dir": str(run_dir), "data_skipped": task.skipped,
                      "eval_accuracy_start": begin.state.get("eval_accuracy_start")}
@@ -66,14 +67,11 @@ def _run(cfg: Config, run_dir: Path, progress: bool, restarts: int) -> dict:
         saved = step
         return path
 
-    def rollout(step: int) -> tuple:
-        batch, collected = phases.collect(roles.engines, roles.rewards, task, P, G, cfg.algorithm, T,
-                                          phases.step_seed(cfg.trainer.seed, step))
-        return batch, collected, *roles.learner.prepare(phases.shards(batch, R, cfg.trainer.seed + step))
+    def evaluate() -> dict:  # pass@1 (greedy) or pass@k of the current policy on the held-out prompts
+        rollouts.drain()
+        return eval_metrics(roles.generator, roles.rewards, task.eval_prompts(), cfg.trainer.eval_samples)
 
-    def evaluate() -> dict:  # pass@1 (greedy) or pass@k on the held-out prompts: eval_* metrics
-        return eval_metrics(roles.engines, roles.rewards, task.eval_prompts(), cfg.trainer.eval_samples, T)
-
+    rollouts = Rollouts(roles, task, cfg, begin.first_step)  # which batch generates when (pipeline.py)
     m: dict = {}
     try:
         with Preemption(cfg.trainer.preempt_grace_s) as stop:
@@ -82,24 +80,28 @@ def _run(cfg: Config, run_dir: Path, progress: bool, restarts: int) -> dict:
                 log.print(f"held-out accuracy at start: {summary['eval_accuracy_start']:.3f}")
             for step in range(begin.first_step, cfg.trainer.steps + 1):
                 start = time.monotonic()
-                # generate, score, pi_old/pi_ref: dropped whole on a preemption, redone after a resume
-                batch, collected, prep, kl_sums = stop.droppable(lambda: rollout(step))
-                batch = phases.with_advantages(batch, cfg.algorithm, kl_sums, cfg.engines.max_new_tokens)
-                stats = roles.learner.train(phases.train_shards(batch, R, cfg.trainer.seed + step, cfg.algorithm))
+                # the batch generated and scored, then pi_old/pi_ref: dropped whole on a preemption
+                taken, waited = rollouts.take(stop)
+                rollouts.feed()  # async: the next batch generates while this one trains
+                prep, kl_sums = stop.droppable(lambda: roles.learner.prepare(
+                    phases.shards(taken.batch, R, cfg.trainer.seed + step, batch_id=step)))
+                batch = phases.with_advantages(taken.batch, cfg.algorithm, kl_sums, cfg.engines.max_new_tokens)
+                stats = roles.learner.train(phases.train_shards(batch, R, cfg.trainer.seed + step, cfg.algorithm,
+                                                                batch_id=step))
                 trained = time.monotonic()
-                sync = roles.sync.push(step) if cfg.sync.enabled else {"time_sync_s": 0.0, "sync_bytes": 0}
-                m = {"step": step, **phases.rollout_stats(batch), **collected, **prep, **stats, **sync,
+                rollouts.feed()  # sync: the new weights, then the next batch
+                m = {"step": step, **waited, **taken.stats, **prep, **stats, **rollouts.pushes(),
                      "engine_restarts": roles.engines.restarts, "restarts": restarts,
-                     "time_train_s": trained - start - collected["time_generate_s"] - collected["time_reward_s"],
+                     "time_train_s": trained - start - waited["time_learner_waited_s"],
                      "time_step_s": time.monotonic() - start}
                 m["generated_tokens_per_s"] = m["generated_tokens"] / max(m["time_generate_s"], 1e-9)
-                m.update(phases.idle_fractions(m))
+                m["learner_idle_fraction"] = m["time_learner_waited_s"] / max(m["time_step_s"], 1e-9)
                 if cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0 and not stop.requested:
                     m.update(evaluate())
                 log.step(m)
                 if cfg.trainer.save_rollouts:
                     log.rollouts(step, phases.with_token_counts(batch))
-                done, data = step, task.state()
+                done, data = step, taken.cursor
                 if stop.requested:
                     raise Preempted(stop.signum)
                 if cfg.trainer.checkpoint_every and step % cfg.trainer.checkpoint_every == 0:
@@ -120,5 +122,6 @@ def _run(cfg: Config, run_dir: Path, progress: bool, restarts: int) -> dict:
             save(done)
         raise
     finally:
+        rollouts.close()
         log.close()
         roles.shutdown()

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from actors.group import EngineGroup, split
+from actors.group import EngineGroup, Generation, split
 from learner.algorithms import ADVANTAGES, overlong_penalty, process_advantages
 from learner.config import AlgorithmConfig
 
@@ -43,7 +43,10 @@ def score(pool, rollouts: pa.Table, rows: list[dict]) -> tuple[pa.Table, dict]:
                         "metadata": {**row.get("metadata", {}), "token_offsets": offsets},
                         "completion_token_ids": ids})
     out = pool.score(samples)
-    table = rollouts.append_column("reward", pa.array(out["rewards"], pa.float32()))
+    rewards = out["rewards"]
+    if "env_reward" in rollouts.column_names:  # an environment's per-turn rewards add to the task's
+        rewards = [r + e for r, e in zip(rewards, rollouts.column("env_reward").to_pylist())]
+    table = rollouts.append_column("reward", pa.array(rewards, pa.float32()))
     for name, values in out["components"].items():
         table = table.append_column(f"reward_{name}", pa.array(values, pa.float32()))
     if out.get("steps") is not None:
@@ -68,24 +71,38 @@ def _group_rewards(batch: pa.Table) -> dict[int, list[float]]:
     return groups
 
 
-def collect(engines: EngineGroup, pool, task, prompts: int, group_size: int, algo: AlgorithmConfig,
-            timeout_s: float, seed: int | None = None) -> tuple[pa.Table, dict]:
-    """Generate and score `prompts` groups. With dynamic sampling (DAPO), groups whose rewards are all
-    equal carry no signal: drop them and generate for fresh prompts, at most max_rounds rounds;
-    if still short, the dropped groups fill the batch so its shape stays fixed."""
+def _span(table: pa.Table) -> tuple[float, float]:
+    meta = table.schema.metadata or {}
+    return float(meta[b"generate_began"]), float(meta[b"generate_ended"])
+
+
+def collect(generator, pool, task, first: Generation, prompts: int, group_size: int,
+            algo: AlgorithmConfig, seed: int | None = None) -> tuple[pa.Table, dict]:
+    """Wait for a submitted generation of `prompts` groups and score it. With dynamic sampling (DAPO),
+    groups whose rewards are all equal carry no signal: drop them and generate for fresh prompts, at
+    most max_rounds rounds; if still short, the dropped groups fill the batch so its shape stays fixed.
+
+    stats: time_generate_s (the engines' time, all rounds), time_reward_s, generation_rounds, reward
+    failures, and generate_began/generate_ended (wall clock) for the driver's idle accounting."""
     ds = algo.dynamic_sampling
-    rows: list[dict] = []
+    rows: list[dict] = list(first.rows)
     tables, failures = [], defaultdict(int)
     stats = {"time_generate_s": 0.0, "time_reward_s": 0.0, "generation_rounds": 0}
     informative: list[int] = []
+    gen = first
     for _ in range(ds.max_rounds if ds.enabled else 1):
-        new = task.next_prompts(prompts - len(informative))
-        t0 = time.monotonic()
-        rollouts = generate(engines, new, group_size, timeout_s, first_group=len(rows), seed=seed)
-        rows += new
+        if gen is None:  # a refill round
+            new = task.next_prompts(prompts - len(informative))
+            gen = generator.submit(new, group_size, first_group=len(rows), seed=seed)
+            rows += new
+        rollouts = generator.collect(gen)
+        gen = None
+        began, ended = _span(rollouts)
+        stats.setdefault("generate_began", began)
+        stats["generate_ended"] = ended
         t1 = time.monotonic()
-        table, fails = score(pool, rollouts, rows)
-        stats["time_generate_s"] += t1 - t0
+        table, fails = score(pool, rollouts.replace_schema_metadata(None), rows)
+        stats["time_generate_s"] += ended - began
         stats["time_reward_s"] += time.monotonic() - t1
         stats["generation_rounds"] += 1
         for k, v in fails.items():
@@ -154,22 +171,23 @@ def with_advantages(batch: pa.Table, algo: AlgorithmConfig, kl_sums: list[float]
     return batch.append_column("advantage_tokens", pa.array(per_token, pa.list_(pa.float32())))
 
 
-PREPARE_COLUMNS = ("prompt_token_ids", "completion_token_ids", "logprobs", "finish_reason")
+PREPARE_COLUMNS = ("prompt_token_ids", "completion_token_ids", "logprobs", "finish_reason", "loss_mask")
 
 
-def shards(batch: pa.Table, num_ranks: int, seed: int, columns=PREPARE_COLUMNS) -> list[dict]:
-    """Equal contiguous slices, one per learner rank, as plain columns."""
+def shards(batch: pa.Table, num_ranks: int, seed: int, columns=PREPARE_COLUMNS, batch_id: int = 0) -> list[dict]:
+    """Equal contiguous slices, one per learner rank, as plain columns; `batch_id` names the batch
+    (the learner keeps each prepared batch's state under it until it trains on it)."""
     cols = [c for c in columns if c in batch.column_names]
     out = []
     for a, b in split(batch.num_rows, num_ranks):
         part = batch.slice(a, b - a)
-        out.append({c: part.column(c).to_pylist() for c in cols} | {"seed": seed})
+        out.append({c: part.column(c).to_pylist() for c in cols} | {"seed": seed, "batch_id": batch_id})
     return out
 
 
-def train_shards(batch: pa.Table, num_ranks: int, seed: int, algo: AlgorithmConfig) -> list[dict]:
+def train_shards(batch: pa.Table, num_ranks: int, seed: int, algo: AlgorithmConfig, batch_id: int = 0) -> list[dict]:
     extra = ("shaped_reward",) if algo.name == "ppo" else ("advantage", "advantage_tokens")
-    out = shards(batch, num_ranks, seed, PREPARE_COLUMNS + extra)
+    out = shards(batch, num_ranks, seed, PREPARE_COLUMNS + extra, batch_id)
     for s in out:
         if "shaped_reward" in s:
             s["reward"] = s.pop("shaped_reward")
@@ -178,15 +196,9 @@ def train_shards(batch: pa.Table, num_ranks: int, seed: int, algo: AlgorithmConf
     return out
 
 
-def idle_fractions(m: dict) -> dict:
-    """Of a step's wall time, the share each side waited: engines work while generating and loading
-    weights; the learner while scoring, training and sending weights."""
-    step = max(m["time_step_s"], 1e-9)
-    return {"engine_idle_fraction": max(0.0, 1 - (m["time_generate_s"] + m["time_sync_s"]) / step),
-            "learner_idle_fraction": max(0.0, 1 - (m["time_train_s"] + m["time_sync_s"]) / step)}
-
-
-def rollout_stats(batch: pa.Table) -> dict:
+def rollout_stats(batch: pa.Table, trained_at: int | None = None) -> dict:
+    """The batch's statistics; with `trained_at`, the policy version its update starts from, the
+    policy lag of its samples (0 when generated by that very policy)."""
     rewards = batch.column("reward")
     lengths = pc.list_value_length(batch.column("completion_token_ids"))
     n = batch.num_rows
@@ -198,10 +210,35 @@ def rollout_stats(batch: pa.Table) -> dict:
         "truncated_fraction": pc.sum(pc.equal(batch.column("finish_reason"), "length")).as_py() / n,
         "policy_version": int(pc.min(batch.column("policy_version")).as_py()),
     }
+    if trained_at is not None:  # how many updates old the policy that generated each sample is
+        lag = pc.subtract(pa.scalar(trained_at, pa.int32()), batch.column("policy_version"))
+        stats.update(policy_lag_min=pc.min(lag).as_py(), policy_lag_mean=pc.mean(lag).as_py(),
+                     policy_lag_max=pc.max(lag).as_py())
     for name in batch.column_names:
         if name.startswith("reward_"):
             stats[f"{name}_mean"] = pc.mean(batch.column(name)).as_py()
+    if "loss_mask" in batch.column_names:
+        stats.update(conversation_stats(batch))
     return stats
+
+
+def conversation_stats(batch: pa.Table) -> dict:
+    """Multi-turn batches: turns, tool calls and their success, why trajectories ended, and the
+    model's own tokens (generated_tokens counts those; observations are not generated)."""
+    from .multiturn import STOP_REASONS
+
+    n = batch.num_rows
+    calls, errors = pc.sum(batch.column("tool_calls")).as_py(), pc.sum(batch.column("tool_errors")).as_py()
+    reasons = batch.column("stop_reason").to_pylist()
+    model_tokens = sum(sum(m) for m in batch.column("loss_mask").to_pylist())
+    out = {"turns_mean": pc.mean(batch.column("turns")).as_py(), "turns_max": pc.max(batch.column("turns")).as_py(),
+           "tool_calls_per_sample": calls / n, "tool_call_success_rate": (calls - errors) / calls if calls else 0.0,
+           "generated_tokens": model_tokens, "observation_tokens": int(pc.sum(pc.list_value_length(
+               batch.column("completion_token_ids"))).as_py()) - model_tokens,
+           "env_reward_mean": pc.mean(batch.column("env_reward")).as_py(),
+           "env_failures": sum(r.startswith("env_") for r in reasons)}
+    out.update({f"stop_{r}_fraction": reasons.count(r) / n for r in STOP_REASONS})
+    return out
 
 
 def with_token_counts(batch: pa.Table) -> pa.Table:

@@ -17,6 +17,7 @@ from rewards.pool import RewardPool
 from rewards.tasks import DEFAULT_REWARD
 
 from .config import Config, RolePlacement, RunConfig
+from .generator import Generator
 from .sync.broadcast import WeightSync
 
 log = logging.getLogger("groupflow")
@@ -59,6 +60,7 @@ def _reserve(name: str, bundles: list[dict], where: RolePlacement, timeout_s: fl
 @dataclass
 class Roles:
     engines: EngineGroup
+    generator: Generator
     rewards: RewardPool
     learner: LearnerGroup
     sync: WeightSync
@@ -70,6 +72,12 @@ class Roles:
         self.learner.shutdown()
         for pg in self.pgs:
             remove_placement_group(pg)
+
+
+def env_spec(cfg: Config) -> dict | None:
+    """The environment the reward workers' subprocesses build (rewards/envs.py), if rollouts are conversations."""
+    r = cfg.rollout
+    return {"env": r.env, "options": r.env_options} if r.multi_turn else None
 
 
 def _engine_bundles(cfg: Config) -> list[dict]:
@@ -118,7 +126,7 @@ def create_engines(cfg: Config, model_path: str) -> tuple[EngineGroup, object]:
 def create_reward_pool(cfg: Config) -> tuple[RewardPool, object]:
     """The configured reward (the task's default when rewards.components is empty), every scorer built."""
     pg, opts = _reserve("groupflow-rewards", _reward_bundles(cfg), cfg.placement.rewards, cfg.run.timeout_s)
-    pool = RewardPool(cfg.rewards, opts, DEFAULT_REWARD[cfg.rewards.task.name])
+    pool = RewardPool(cfg.rewards, opts, DEFAULT_REWARD[cfg.rewards.task.name], env_spec(cfg))
     try:
         pool.ready(cfg.run.timeout_s)
     except BaseException:
@@ -144,8 +152,8 @@ def create_roles(cfg: Config, model_path: str, ref_path: str | None = None, resu
     e = cfg.engines
     engines = _launch_engines(cfg, model_path, eng_opts, version)
     learner = LearnerGroup(lc, cfg.algorithm, model_path, cfg.local_batch, e.temperature,
-                           e.max_new_tokens, lrn_opts, t, ref_path=ref_path)
-    rewards = RewardPool(cfg.rewards, rwd_opts, DEFAULT_REWARD[cfg.rewards.task.name])
+                           e.max_new_tokens, lrn_opts, t, ref_path=ref_path, version=version)
+    rewards = RewardPool(cfg.rewards, rwd_opts, DEFAULT_REWARD[cfg.rewards.task.name], env_spec(cfg))
     if resume is not None and learner.load(resume) == []:
         log.warning("%s has no DeepSpeed states (an older checkpoint): optimizer moments start afresh", resume)
     _wait_engines(engines, t)
@@ -157,4 +165,5 @@ def create_roles(cfg: Config, model_path: str, ref_path: str | None = None, resu
                       cfg.sync.bucket_mb, cfg.sync.timeout_s, version)
     if cfg.sync.enabled:  # a replacement joins the weight sync and gets today's weights before it generates
         group.on_replaced = lambda i: sync.rejoin()
-    return Roles(group, rewards, learner, sync, [eng_pg, lrn_pg, rwd_pg])
+    generator = Generator(group, rewards, cfg.rollout, e.max_model_len, t)
+    return Roles(group, generator, rewards, learner, sync, [eng_pg, lrn_pg, rwd_pg])

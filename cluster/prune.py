@@ -73,7 +73,7 @@ def prune(cfg: Config, model_path: str, out: Path, samples: int, low: float = 0.
     rows = task.train_prompts(limit)
     counts: list[int] = []
     failures = 0
-    with serving(cfg, model_path) as (engines, pool):
+    with serving(cfg, model_path) as (generator, pool):
         ready = time.monotonic()
         bar = None
         if progress:
@@ -82,7 +82,7 @@ def prune(cfg: Config, model_path: str, out: Path, samples: int, low: float = 0.
         try:
             for a in range(0, len(rows), chunk):
                 part = rows[a:a + chunk]
-                solved, _, fails = solved_counts(engines, pool, part, samples, cfg.run.timeout_s, greedy=False)
+                solved, _, fails = solved_counts(generator, pool, part, samples, greedy=False)
                 counts += solved
                 failures += phases.failed_samples(fails)
                 if bar is not None:  # postfix first: update() redraws the bar with it

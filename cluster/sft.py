@@ -21,6 +21,10 @@ class SFTDataConfig(BaseModel):
     prompt_field: str = Field("prompt", description="the user turn (OpenThoughts-114k-math: problem)")
     response_field: str = Field("response", description="the assistant turn to learn (OpenThoughts-114k-math: solution)")
     system_prompt: Optional[str] = Field(None, description="a system turn before every prompt")
+    messages_field: Optional[str] = Field(
+        None, description="multi-turn traces: a field holding a whole conversation [{role, content}] (tool "
+        "calls, their results, answers); assistant turns are learned, the rest is context. Replaces "
+        "prompt_field/response_field/system_prompt")
     max_tokens: int = Field(1024, ge=8, description="prompt + response tokens; longer rows are dropped and counted")
     on_malformed: Literal["error", "skip"] = "error"
 
@@ -62,9 +66,44 @@ class SFTConfig(BaseModel):
         return self
 
 
+def tokenize_conversations(cfg: SFTDataConfig, model_path: str) -> tuple[list[dict], dict]:
+    """Conversations as (prompt ids, completion ids, loss mask), laid out turn by turn exactly as a
+    multi-turn rollout lays them out (actors/chat.py)."""
+    from transformers import AutoTokenizer
+
+    from actors.chat import TurnTemplate
+    from rewards.data import READERS, resolve_files
+
+    turns = TurnTemplate(AutoTokenizer.from_pretrained(model_path))
+    fmt, files = resolve_files(cfg.path, cfg.format)
+    out, skipped = [], {"malformed": 0, "too_long": 0}
+    for file in files:
+        for n, rec in READERS[fmt](file, [cfg.messages_field]):
+            try:
+                messages = rec[cfg.messages_field] if isinstance(rec, dict) else None
+                if not isinstance(messages, list):
+                    raise ValueError(f"{cfg.messages_field} is not a list of messages")
+                prompt, ids, mask = turns.conversation(messages)
+            except (ValueError, KeyError, TypeError) as e:
+                if cfg.on_malformed == "error":
+                    raise ValueError(f"{file}:{n}: {e}") from None
+                skipped["malformed"] += 1
+                continue
+            if len(prompt) + len(ids) > cfg.max_tokens:
+                skipped["too_long"] += 1
+                continue
+            out.append({"prompt_token_ids": prompt, "completion_token_ids": ids, "loss_mask": mask})
+    if not out:
+        raise ValueError(f"data.path {cfg.path}: no usable conversations (skipped: {skipped})")
+    return out, skipped
+
+
 def tokenize(cfg: SFTDataConfig, model_path: str) -> tuple[list[dict], dict]:
     """Rows as (prompt ids with the chat template's generation prompt, response ids + end of turn)."""
     from transformers import AutoTokenizer
+
+    if cfg.messages_field:
+        return tokenize_conversations(cfg, model_path)
 
     from rewards.data import Fields, load_rows
 
@@ -131,7 +170,7 @@ def sft(cfg: SFTConfig, run_dir: Path, progress: bool = True) -> dict:
             t0 = time.monotonic()
             shards = [{k: [r[k] for r in batch[i * B // R: (i + 1) * B // R]] for k in batch[0]} for i in range(R)]
             stats = learner.sft_train(shards)
-            tokens = sum(len(r["completion_token_ids"]) for r in batch)
+            tokens = sum(sum(r["loss_mask"]) if "loss_mask" in r else len(r["completion_token_ids"]) for r in batch)
             log.step({"step": step, **stats, "response_tokens": tokens, "time_step_s": time.monotonic() - t0,
                       "tokens_per_s": tokens / max(time.monotonic() - t0, 1e-9)})
             if cfg.trainer.checkpoint_every and step % cfg.trainer.checkpoint_every == 0 and step < steps:

@@ -24,14 +24,15 @@ log = logging.getLogger("groupflow.learner")
 class LearnerActor:
     def __init__(self, cfg: LearnerConfig, algo: AlgorithmConfig, model_path: str, rank: int,
                  world_size: int, local_batch: int, temperature: float, max_new_tokens: int,
-                 ref_path: str | None = None):
+                 ref_path: str | None = None, version: int = 0):
         logging.basicConfig(level=logging.INFO, format=f"[learner {rank}] %(message)s")
         self.cfg, self.algo, self.rank, self.world_size = cfg, algo, rank, world_size
         self.model_path, self.local_batch, self.temperature = model_path, local_batch, temperature
         self.max_new_tokens = max_new_tokens  # the constant of Dr.GRPO's token-sum normalization
         self.micro = micro_size(cfg, local_batch)
         self.ref_path = ref_path or model_path  # a resumed run keeps the original model as pi_ref
-        self._prep = None
+        self.version = version  # the policy version: updates applied (a resumed run starts at its step)
+        self._prep: dict[int, object] = {}  # pi_old/pi_ref of each prepared batch, by batch id
         from ray.util.metrics import Gauge  # live on Ray's metrics endpoint (Prometheus)
         self._busy = Gauge("groupflow_learner_busy", "1 while the rank scores or trains", ("run", "role", "rank"))
         self._busy.set_default_tags({"run": ray.get_runtime_context().get_job_id(), "role": "learner",
@@ -85,35 +86,43 @@ class LearnerActor:
 
     # ---- training -------------------------------------------------------------------------
     def prepare(self, shard: dict) -> dict:
-        """Score a rollout shard under pi_old and pi_ref (and the critic) before any update; rows whose
-        update computes pi_old itself (the first minibatch) are left to `train`."""
+        """Score a rollout shard under pi_old and pi_ref (and the critic) before any update, kept under
+        the shard's batch id until `train` takes it; rows whose update computes pi_old itself (the
+        first minibatch) are left to `train`."""
         start = time.monotonic()
         self._busy.set(1)
-        for e in self.engines.values():
-            e.eval()
-        skip = []
-        if self.cfg.reuse_policy_logprobs and rl.reuses_policy(self.algo):
-            skip = rl.minibatch_orders(shard, self.cfg.epochs, self.cfg.minibatches)[0][0]
-        self._prep, kl_sums = rl.prepare(self.engines, shard, self.algo, self.temperature, self.micro,
-                                         self.pad_id, self.device, self.cfg.shared_prefix, skip)
-        self._busy.set(0)
+        try:
+            for e in self.engines.values():
+                e.eval()
+            skip = []
+            if self.cfg.reuse_policy_logprobs and rl.reuses_policy(self.algo):
+                skip = rl.minibatch_orders(shard, self.cfg.epochs, self.cfg.minibatches)[0][0]
+            self._prep[shard["batch_id"]], kl_sums = rl.prepare(
+                self.engines, shard, self.algo, self.temperature, self.micro, self.pad_id, self.device,
+                self.cfg.shared_prefix, skip)
+        finally:
+            self._busy.set(0)
         return {"kl_sum": kl_sums, "time_s": time.monotonic() - start}
 
     def train(self, shard: dict) -> dict:
-        """epochs x minibatches updates on the shard `prepare` saw, now with its advantages; returns
-        the update's metrics and, under "scored", the statistics of pi_old and pi_ref."""
-        if self._prep is None:
-            raise RuntimeError("train() before prepare(): the learner has no pi_old for this batch")
+        """epochs x minibatches updates on the shard `prepare` saw (same batch id), now with its
+        advantages; returns the update's metrics and, under "scored", the statistics of pi_old and pi_ref."""
+        prep = self._prep.pop(shard["batch_id"], None)
+        if prep is None:
+            raise RuntimeError(f"train() of batch {shard['batch_id']} before its prepare(): no pi_old for it")
         start = time.monotonic()
         self._busy.set(1)
-        metrics = rl.train(self.engines, shard, self._prep, self.algo, self.cfg.epochs, self.cfg.minibatches,
-                           self.temperature, self.micro, self.pad_id, self.max_new_tokens, self.device,
-                           self.cfg.shared_prefix)
-        self._prep = None
-        self._busy.set(0)
+        try:
+            metrics = rl.train(self.engines, shard, prep, self.algo, self.cfg.epochs, self.cfg.minibatches,
+                               self.temperature, self.micro, self.pad_id, self.max_new_tokens, self.device,
+                               self.cfg.shared_prefix)
+        finally:
+            self._busy.set(0)
+        self.version += 1
         grad_norm = self.engine.get_global_grad_norm()
         metrics.update(grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
-                       lr=float(self.engine.get_lr()[0]), time_learner_s=time.monotonic() - start)
+                       lr=float(self.engine.get_lr()[0]), time_learner_s=time.monotonic() - start,
+                       policy_version=self.version)
         return metrics
 
     def sft_train(self, shard: dict) -> dict:
@@ -143,27 +152,41 @@ class LearnerActor:
             self._transport = TorchDistTransport(host, port, 0, world_size, backend, timeout_s)
         return self.rank
 
-    def broadcast_weights(self, plan) -> float:
+    def broadcast_weights(self, plan) -> int:
         """Gather each bucket's parameters from the ZeRO shards (all ranks), rank 0 broadcasts it;
-        bucket k+1 is gathered and packed while bucket k is on the wire."""
+        bucket k+1 is gathered and packed while bucket k is on the wire. The policy version goes
+        first, so the engines record the version of the weights they actually got. Returns it."""
         import deepspeed
         from cluster.sync.base import DTYPES, pack
 
-        start = time.monotonic()
         params = dict(self._named_params())
+        error: Exception | None = None  # rank 0 keeps gathering after a failed send: the others wait for it
         wait = None
+        if self.rank == 0:
+            try:
+                self._transport.broadcast(torch.tensor([self.version], dtype=torch.int64, device=self.device))
+            except Exception as e:  # noqa: BLE001 - raised below, once every rank is through
+                error = e
         for bucket in plan.buckets:
             group = [params[s.name] for s in bucket]
             with deepspeed.zero.GatheredParameters(group, modifier_rank=None):
                 # a packed copy: the gathered parameters may be released while it travels
-                flat = pack(group, DTYPES[plan.dtype], self.device) if self.rank == 0 else None
+                flat = pack(group, DTYPES[plan.dtype], self.device) if self.rank == 0 and error is None else None
             if flat is not None:
-                if wait is not None:
-                    wait()
-                wait = self._transport.start_broadcast(flat)
+                try:
+                    if wait is not None:
+                        wait()
+                    wait = self._transport.start_broadcast(flat)
+                except Exception as e:  # noqa: BLE001
+                    error, wait = e, None
         if wait is not None:
-            wait()
-        return time.monotonic() - start
+            try:
+                wait()
+            except Exception as e:  # noqa: BLE001
+                error = e
+        if error is not None:
+            raise error
+        return self.version
 
     def raw_broadcast(self, numel: int, dtype: str) -> None:
         """Benchmark floor: one flat buffer of `numel` elements over the weight-sync group."""

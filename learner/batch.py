@@ -139,10 +139,23 @@ def micros(shard: dict, order: list[int], size: int, pad_id: int, device, shared
     shared_prefix, a group's prompt is computed once per micro-batch for all its samples there."""
     order = length_sorted(shard, order)
     make = make_packed_micro if shared_prefix else make_micro
-    return [make([shard["prompt_token_ids"][i] for i in order[k: k + size]],
-                 [shard["completion_token_ids"][i] for i in order[k: k + size]],
-                 order[k: k + size], pad_id).to(device)
-            for k in range(0, len(order), size)]
+    out = []
+    for k in range(0, len(order), size):
+        rows = order[k: k + size]
+        mb = make([shard["prompt_token_ids"][i] for i in rows], [shard["completion_token_ids"][i] for i in rows],
+                  rows, pad_id)
+        if "loss_mask" in shard:  # multi-turn: observation tokens are context, not the model's actions
+            mb.comp_mask *= stack_padded([loss_mask(shard, i) for i in rows], mb.comp_mask.size(1))
+        out.append(mb.to(device))
+    return out
+
+
+def loss_mask(shard: dict, i: int) -> torch.Tensor:
+    """Sample i's per-token mask over its completion: 1 for tokens the model sampled, 0 for tokens it
+    was given (a tool's output, template tokens between turns); all ones for a single turn."""
+    if "loss_mask" in shard and shard["loss_mask"][i] is not None:
+        return torch.tensor(shard["loss_mask"][i], dtype=torch.float32)
+    return torch.ones(len(shard["completion_token_ids"][i]), dtype=torch.float32)
 
 
 def stack_padded(rows: list[torch.Tensor], width: int) -> torch.Tensor:

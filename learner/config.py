@@ -113,7 +113,8 @@ class AlgorithmConfig(BaseModel):
         "default seq-mean-token-sum-norm for dr_grpo, else seq-mean-token-mean")
     entropy_coef: float = Field(0.0, ge=0, description="entropy bonus in the loss (entropy is logged either way)")
     tis_cap: Optional[float] = Field(
-        None, gt=0, description="truncated importance sampling: weight tokens by min(pi_learner/pi_engine, cap) (None: off)")
+        None, gt=0, description="truncated importance sampling: weight tokens by min(pi_learner/pi_engine, cap) (None: off; "
+        "2.0 under trainer.mode=async, where it carries the ratio to the behaviour policy)")
     adv_eps: float = Field(1e-6, gt=0, description="added to the group std before dividing")
     dynamic_sampling: DynamicSamplingConfig = Field(default_factory=DynamicSamplingConfig)
     overlong: OverlongConfig = Field(default_factory=OverlongConfig)

@@ -56,13 +56,14 @@ def _token_mean(stats: list[dict]) -> dict:
 class LearnerGroup:
     def __init__(self, cfg: LearnerConfig, algo: AlgorithmConfig, model_path: str, local_batch: int,
                  temperature: float, max_new_tokens: int, actor_options: list[dict], timeout_s: float,
-                 mode: str = "rl", ref_path: str | None = None):
+                 mode: str = "rl", ref_path: str | None = None, version: int = 0):
         self.cfg, self.timeout_s = cfg, timeout_s
+        self.version = version  # the policy version on the ranks: updates applied
         n = cfg.num_ranks
         self.ranks = [
             LearnerActor.options(num_cpus=cfg.cpus_per_rank, num_gpus=1 if cfg.device == "cuda" else 0,
                                  **opts).remote(cfg, algo, model_path, r, n, local_batch, temperature,
-                                                max_new_tokens, ref_path)
+                                                max_new_tokens, ref_path, version)
             for r, opts in enumerate(actor_options)
         ]
         master, port = _get(self.ranks[0].address.remote(), timeout_s, "reporting rank 0's address")
@@ -89,6 +90,9 @@ class LearnerGroup:
         and pi_ref weighted by each rank's tokens."""
         results = self.call("train", per_rank=[(s,) for s in shards], what="a training step")
         scored = [r.pop("scored") for r in results]
+        self.version = results[0].pop("policy_version")
+        for r in results[1:]:
+            r.pop("policy_version")
         return {**_rank_mean(results), **_token_mean(scored)}
 
     def sft_train(self, shards: list[dict]) -> dict:

@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from .algorithms import (AGGREGATIONS, KL_ESTIMATORS, aggregation_units, entropy, entropy_from_logits, grpo_loss, masked_mean,
                          tis_weights, token_logprobs)
-from .batch import Micro, completion_logits, micros, prompt_runs, stack_padded
+from .batch import Micro, completion_logits, loss_mask, micros, prompt_runs, stack_padded
 from .config import AlgorithmConfig
 from .divergences import exact_divergences, per_token_divergence
 from .ppo_math import gae, kl_shaped_rewards, masked_whiten, value_loss
@@ -27,6 +27,7 @@ class Prepared:
     values: dict[int, torch.Tensor] = field(default_factory=dict)
     engine: dict[int, torch.Tensor] = field(default_factory=dict)
     keep: dict[int, float] = field(default_factory=dict)  # 0: masked out (overlong masking)
+    mask: dict[int, torch.Tensor] = field(default_factory=dict)  # per token: 1 sampled by the model
     sums: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     tokens: float = 0.0
     stride: int = 1  # every stride-th completion token enters the full-vocabulary statistics
@@ -34,10 +35,11 @@ class Prepared:
     def stats(self) -> dict:
         """The logged statistics of every row scored: divergences and entropy before the update,
         and the engine-vs-learner logprob difference (evidence the engines hold our weights)."""
-        diffs = [(self.old[i] - self.engine[i]).abs() for i in self.old if self.old[i].numel()]
+        rows = [i for i in self.old if self.old[i].numel()]  # the model's own tokens only
+        diff = sum(float(((self.old[i] - self.engine[i]).abs() * self.mask[i]).sum()) for i in rows)
         out = {f"{k}_pre" if k == "entropy" else k: v / max(self.tokens, 1.0) for k, v in self.sums.items()}
-        out.update(logprob_abs_diff_sum=float(sum(d.sum() for d in diffs)),
-                   logprob_tokens=sum(d.numel() for d in diffs), tokens=self.tokens)
+        out.update(logprob_abs_diff_sum=diff, logprob_tokens=int(sum(float(self.mask[i].sum()) for i in rows)),
+                   tokens=self.tokens)
         return out
 
 
@@ -132,6 +134,7 @@ def prepare(engines: dict, shard: dict, algo: AlgorithmConfig, temperature: floa
     for i in range(n):
         c = len(shard["completion_token_ids"][i])
         prep.engine[i] = torch.tensor(shard["logprobs"][i][:c], device=device, dtype=torch.float32)
+        prep.mask[i] = loss_mask(shard, i).to(device)
         truncated = shard["finish_reason"][i] == "length"
         prep.keep[i] = 0.0 if (algo.overlong.mask_truncated and truncated) else 1.0
     skip = set(skip)
@@ -143,7 +146,8 @@ def prepare(engines: dict, shard: dict, algo: AlgorithmConfig, temperature: floa
                 token_logprobs(ref_sel, mb.comp_ids), values)
         del sel, ref_sel
     estimator = KL_ESTIMATORS[algo.kl_estimator]
-    kl_sums = [float(estimator(prep.old[i], prep.ref[i]).sum()) if i in prep.old else 0.0 for i in range(n)]
+    kl_sums = [float((estimator(prep.old[i], prep.ref[i]) * prep.mask[i]).sum()) if i in prep.old else 0.0
+               for i in range(n)]
     return prep, kl_sums
 
 
@@ -151,7 +155,7 @@ def ppo_advantages(prep: Prepared, shard: dict, algo: AlgorithmConfig, device) -
     """GAE over per-token rewards: the outcome at the last token, minus beta * KL per token if kl_in=reward."""
     rows = list(range(len(shard["reward"])))
     width = max(1, max(prep.old[i].numel() for i in rows))
-    mask = stack_padded([torch.ones_like(prep.old[i]) * prep.keep[i] for i in rows], width)
+    mask = stack_padded([prep.mask[i] * prep.keep[i] for i in rows], width)
     kl = stack_padded([KL_ESTIMATORS[algo.kl_estimator](prep.old[i], prep.ref[i]) for i in rows], width)
     beta = algo.beta if algo.kl_place == "reward" else 0.0
     outcome = torch.tensor(shard["reward"], dtype=torch.float32, device=device)

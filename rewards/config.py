@@ -113,3 +113,38 @@ class RewardsConfig(BaseModel):
     failure_reward: float = Field(0.0, description="reward of a sample whose scorer raised, hung or crashed")
     sample_timeout_s: float = Field(10.0, gt=0, description="hard wall-clock limit for scoring one sample")
     timeout_s: float = Field(120.0, gt=0, description="limit for scoring one batch on one worker")
+
+
+class RolloutConfig(BaseModel):
+    """A rollout as a conversation (rewards/envs.py): the environment, and the limits that end a
+    trajectory cleanly (its `stop_reason` says which). engines.max_new_tokens is the per-turn budget."""
+
+    model_config = ConfigDict(extra="forbid")
+    env: str = Field("single", description="single (one turn, no environment), calculator, python_tool, or a "
+                     "user's class 'path/to/file.py:Class' (start(row), step(row, turns, text))")
+    env_options: dict = Field(default_factory=dict, description="passed to the environment's constructor")
+    max_turns: int = Field(4, ge=1, description="model turns per trajectory at most")
+    max_total_tokens: int = Field(256, ge=1, description="completion tokens per trajectory (model turns and "
+                                  "observations) at most; also bounded by engines.max_model_len")
+    max_observation_tokens: int = Field(64, ge=1, description="an observation over this many tokens (a tool that "
+                                        "floods its output) ends the trajectory")
+    truncated_turn: Literal["end", "continue"] = Field(
+        "end", description="a turn cut by engines.max_new_tokens: ends its trajectory (stop_reason turn_tokens), "
+        "or the environment still answers it (the template closes the turn)")
+
+    @property
+    def multi_turn(self) -> bool:
+        return self.env != "single"
+
+    @model_validator(mode="after")
+    def _env_exists(self):
+        if self.env in ("single", "calculator", "python_tool"):
+            return self
+        path, _, cls = self.env.rpartition(":")
+        if not path or not cls:
+            raise ValueError(f"rollout.env: expected single, calculator, python_tool or 'path/to/file.py:Class', "
+                             f"got {self.env!r}")
+        if not Path(path).is_file():
+            raise ValueError(f"rollout.env: no such file: {path}")
+        self.env = f"{Path(path).resolve()}:{cls}"  # reward workers may run elsewhere than the driver's cwd
+        return self

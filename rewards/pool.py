@@ -19,6 +19,7 @@ from collections import Counter, defaultdict
 import ray
 
 from .config import RewardComponent, RewardsConfig
+from .envs import ENV_SPEC
 from .model_reward import RewardModelActor
 from .procpool import SANDBOX_UID_BASE, ScorerPool, check_result
 
@@ -84,13 +85,15 @@ class RewardWorker:
     """Scores one share of a batch: per-sample rewards in subprocesses, batch (http) rewards in a thread."""
 
     def __init__(self, specs: list[dict], processes: int, sample_timeout_s: float, batch_timeout_s: float,
-                 rank: int):
+                 rank: int, env: dict | None = None):
         logging.basicConfig(level=logging.INFO, format=f"[reward worker {rank}] %(message)s")
         self.specs, self.rank, self.batch_timeout_s = specs, rank, batch_timeout_s
         self.per_sample = [s for s in specs if s["name"] not in BATCH_NAMES]
         self.batched = [s for s in specs if s["name"] in BATCH_NAMES]
-        self.procs = (ScorerPool(self.per_sample, processes, sample_timeout_s, SANDBOX_UID_BASE + rank * processes)
-                      if self.per_sample else None)
+        # a multi-turn environment steps in the same subprocesses, as the spec after the rewards
+        extra = [{"key": ENV_SPEC, "name": ENV_SPEC, "options": env}] if env else []
+        self.procs = (ScorerPool(self.per_sample + extra, processes, sample_timeout_s,
+                                 SANDBOX_UID_BASE + rank * processes) if self.per_sample or extra else None)
         self._batch_scorers: dict | None = None
 
     def _batch_fns(self) -> dict:
@@ -127,6 +130,12 @@ class RewardWorker:
         for s in self.batched:
             out[s["key"]] = _batch_results(jobs[s["key"]], samples, deadline)
         return out
+
+    def env(self, jobs: list[dict]) -> list[tuple[str, object]]:
+        """Environment starts and steps ({"op": ...}, see envs.EnvCaller), each in a subprocess:
+        ("ok", messages | step) or (failure kind, detail), in order."""
+        deadline = time.monotonic() + 0.8 * self.batch_timeout_s
+        return self.procs.run([(len(self.per_sample), "", "", job) for job in jobs], deadline)
 
     def shutdown(self) -> None:
         if self.procs:
@@ -176,8 +185,9 @@ def combine(samples: list[dict], keys: list[str], weights: dict[str, float],
 class RewardPool:
     """Splits a batch across the workers (and the reward models) and gathers the rewards back in order."""
 
-    def __init__(self, cfg: RewardsConfig, actor_options: list[dict], default_component: str = "math"):
-        self.cfg = cfg
+    def __init__(self, cfg: RewardsConfig, actor_options: list[dict], default_component: str = "math",
+                 env: dict | None = None):
+        self.cfg, self.env_spec = cfg, env  # env: {"env": name or path:Class, "options": {...}} or None
         components = cfg.components or [RewardComponent(name=default_component)]
         self.keys = component_keys(components)
         self.weights = {k: c.weight for k, c in zip(self.keys, components)}
@@ -185,13 +195,14 @@ class RewardPool:
                       for k, c in zip(self.keys, components) if c.name != "model"]
         self.model_options = {k: c.options for k, c in zip(self.keys, components) if c.name == "model"}
         self.actor_options = list(actor_options)
-        self.workers = [self._new_worker(r) for r in range(len(self.actor_options))] if self.specs else []
+        self.workers = ([self._new_worker(r) for r in range(len(self.actor_options))]
+                        if self.specs or env else [])
         self.models = {k: self._new_model(k) for k in self.model_options}
 
     def _new_worker(self, rank: int):
         c = self.cfg
         return RewardWorker.options(num_cpus=c.cpus_per_worker, **self.actor_options[rank]).remote(
-            self.specs, c.processes_per_worker, c.sample_timeout_s, c.timeout_s, rank)
+            self.specs, c.processes_per_worker, c.sample_timeout_s, c.timeout_s, rank, self.env_spec)
 
     def _new_model(self, key: str):
         o = self.model_options[key]
@@ -261,6 +272,30 @@ class RewardPool:
         for kind, count in {**out["failures"], "worker_replaced": replaced}.items():
             if count:
                 _failures().inc(count, tags={"kind": kind})
+        return out
+
+    def env(self, jobs: list[dict]) -> list[tuple[str, object]]:
+        """Environment starts or steps spread over the workers (strided), run in their subprocesses;
+        a worker that dies is replaced and its share run again once. In job order."""
+        n, k = len(jobs), len(self.workers)
+        out: list = [None] * n
+        pending = {self.workers[i].env.remote(jobs[i::k]): (i, False) for i in range(min(k, n))}
+        deadline = time.monotonic() + self.cfg.timeout_s
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not done:
+                raise TimeoutError(f"reward workers did not run {n} environment steps within "
+                                   f"rewards.timeout_s={self.cfg.timeout_s}s")
+            i, retried = pending.pop(done[0])
+            try:
+                out[i::k] = ray.get(done[0])
+            except ray.exceptions.RayActorError as e:
+                if retried:
+                    raise RuntimeError(f"reward worker {i} died twice running the same environment steps") from e
+                log.warning("reward worker %d died (%s); replacing it and running its steps again", i, type(e).__name__)
+                ray.kill(self.workers[i])
+                self.workers[i] = self._new_worker(i)
+                pending[self.workers[i].env.remote(jobs[i::k])] = (i, True)
         return out
 
     def shutdown(self):

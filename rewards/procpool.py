@@ -84,8 +84,10 @@ def child_main(fd: int, parent: int) -> None:
     specs = conn.recv()
     try:
         from rewards.builtin import REWARD_FUNCTIONS
+        from rewards.envs import ENV_SPEC, EnvCaller
 
-        scorers = [REWARD_FUNCTIONS[s["name"]](dict(s.get("options") or {})) for s in specs]
+        scorers = [EnvCaller(dict(s["options"])) if s["name"] == ENV_SPEC else
+                   REWARD_FUNCTIONS[s["name"]](dict(s.get("options") or {})) for s in specs]
     except BaseException:
         conn.send(("error", traceback.format_exc()))
         return
@@ -99,6 +101,9 @@ def child_main(fd: int, parent: int) -> None:
             value = scorers[comp](prompt, completion, metadata)
         except Exception as e:  # SystemExit and friends end the process: counted as "crashed"
             conn.send(("raised", f"{type(e).__name__}: {e}"[:500]))
+            continue
+        if isinstance(scorers[comp], EnvCaller):  # an environment's start or step, checked by it
+            conn.send(("ok", value))
             continue
         try:
             conn.send(("ok", check_result(value, len(metadata.get("completion_token_ids") or ()))))

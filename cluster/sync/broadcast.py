@@ -13,6 +13,7 @@ from .base import SyncPlan, TensorSpec, plan_buckets
 class WeightSync:
     def __init__(self, learner, engines, backend: str, engine_dtype: str, tp_size: int,
                  bucket_mb: float, timeout_s: float, version: int = 0):
+        # `version`: what the engines hold (they start from the run's starting weights)
         self.learner, self.engines, self.timeout_s = learner, engines, timeout_s
         self.backend, self.tp_size, self.version = backend, tp_size, version
         self._form()
@@ -31,9 +32,9 @@ class WeightSync:
                    self._members())
 
     def rejoin(self) -> dict:
-        """An engine was replaced: form the group again with it and push the current weights."""
+        """An engine was replaced: form the group again with it and push the learner's weights."""
         self._form()
-        return self.push(self.version)
+        return self.push()
 
     def replan(self, bucket_mb: float) -> None:
         self.plan = plan_buckets(self.specs, self.plan.dtype, bucket_mb)
@@ -54,14 +55,18 @@ class WeightSync:
         return [f"learner rank {r}" for r in range(len(self.learner.ranks))] + \
             [f"engine {i}" for i in range(len(self.engines))]
 
-    def push(self, version: int) -> dict:
-        """Learner ranks gather and rank 0 broadcasts while every engine receives and reloads."""
+    def push(self) -> dict:
+        """Learner ranks gather and rank 0 broadcasts while every engine receives and reloads. The
+        learner sends its policy version with the weights; an engine busy generating loads them after
+        that call (an actor runs one call at a time), so no sample mixes two versions."""
         start = time.monotonic()
         refs = self.learner.start("broadcast_weights", self.plan)
-        refs += [e.load_weights.remote(self.plan, version) for e in self.engines]
-        self._wait(refs, f"weight sync v{version} ({len(self.plan.buckets)} buckets)", self._members())
-        self.version = version
-        return {"time_sync_s": time.monotonic() - start, "sync_bytes": self.plan.total_bytes}
+        refs += [e.load_weights.remote(self.plan) for e in self.engines]
+        versions = self._wait(refs, f"weight sync v{self.learner.version} ({len(self.plan.buckets)} buckets)",
+                              self._members())
+        self.version = versions[0]
+        return {"time_sync_s": time.monotonic() - start, "sync_bytes": self.plan.total_bytes,
+                "sync_version": self.version}
 
     def raw_broadcast(self) -> float:
         """The same bytes as one flat buffer on the same group, nothing gathered, packed or loaded:

@@ -1,6 +1,6 @@
 """A short real run (smoke config: tiny random model, real Ray + vLLM + DeepSpeed + gloo) for each
-`algorithm.name`, with process supervision and the other objective options among them: it completes
-and every logged number is finite."""
+`algorithm.name`, with process supervision, the other objective options and async training among
+them: it completes and every logged number is finite."""
 import json
 import math
 import subprocess
@@ -17,11 +17,11 @@ FAST = ["trainer.steps=2", "trainer.eval=false", "trainer.checkpoint_every=0", "
 RUNS = {
     "dr_grpo+process": ["algorithm.name=dr_grpo", "algorithm.supervision=process",
                         "rewards.components=[{name: python, options: {function: deploy/rewards/steps.py:line_steps}}]"],
-    "rloo+variants": ["algorithm.name=rloo", "algorithm.kl_estimator=k2", "algorithm.clip_eps_high=0.28",
+    "rloo+variants+async": ["trainer.mode=async", "algorithm.name=rloo", "algorithm.kl_estimator=k2", "algorithm.clip_eps_high=0.28",
                       "algorithm.ratio_level=sequence", "algorithm.clip_eps=0.001", "algorithm.dual_clip=3.0",
                       "algorithm.divergence=js", "algorithm.entropy_coef=0.01", "algorithm.tis_cap=2.0",
                       "algorithm.overlong.mask_truncated=true", "algorithm.dynamic_sampling.enabled=true"],
-    "ppo": ["algorithm.name=ppo", "algorithm.ppo.critic_lr=1e-3"],
+    "ppo+async": ["trainer.mode=async", "algorithm.name=ppo", "algorithm.ppo.critic_lr=1e-3"],
 }
 
 
@@ -39,9 +39,11 @@ def test_short_run_per_algorithm(name, tmp_path):
         assert not bad, bad
         for key in ("div_reverse_kl", "div_forward_kl", "div_js", "div_tv", "entropy", "kl", "loss"):
             assert key in row, key
-    if name == "ppo":  # the critic's DeepSpeed states are in the checkpoint next to the policy's
+    if name.endswith("+async"):  # step 2's batch was generated while step 1 trained
+        assert [r["policy_lag_max"] for r in rows] == [0, 1] and "tis_weight_mean" in rows[1]
+    if name.startswith("ppo"):  # the critic's DeepSpeed states are in the checkpoint next to the policy's
         assert "value_loss" in rows[0]
         assert (run_dir / "checkpoints" / "final" / "deepspeed" / "critic").is_dir()
-    if name == "rloo+variants":
+    if name.startswith("rloo"):
         assert "tis_weight_mean" in rows[0] and "pruned_groups" in rows[0]
     assert (run_dir / "checkpoints" / "final" / "trainer_state.json").is_file()

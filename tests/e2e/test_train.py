@@ -105,7 +105,8 @@ def test_weight_sync_is_real_and_its_absence_shows(smoke, tmp_path):
     _, synced, _ = smoke
     diffs = [r["logprob_abs_diff_mean"] for r in synced]
     assert all(d < SYNC_TOL for d in diffs), diffs
-    assert all(r["time_sync_s"] > 0 and r["sync_bytes"] > 0 for r in synced)
+    # a push after every update but the last (the final evaluation's push is not a step's)
+    assert all(r["time_sync_s"] > 0 and r["sync_bytes"] > 0 and r["weight_pushes"] == 1 for r in synced[:-1])
 
     stale = train_smoke(tmp_path / "nosync", "sync.enabled=false", "trainer.eval=false")
     stale_diffs = [r["logprob_abs_diff_mean"] for r in stale]
@@ -143,6 +144,65 @@ def test_a_resumed_run_is_the_run_that_would_have_happened(smoke, tmp_path):
                            "--run-dir", str(tmp_path / "bad"), f"trainer.resume_from={ckpt}", "trainer.seed=5"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "trainer.resume_from" in proc.stderr, proc.stderr[-2000:]
+
+
+def _logprobs(model, prompt: list[int], completion: list[int]) -> torch.Tensor:
+    ids = torch.tensor([prompt + completion])
+    with torch.no_grad():
+        logits = model(ids).logits[0, len(prompt) - 1: -1].float()
+    return torch.log_softmax(logits, -1).gather(-1, torch.tensor(completion)[:, None])[:, 0]
+
+
+def test_async_run_trains_one_step_off_with_the_versions_it_records(smoke, tmp_path):
+    """trainer.mode=async: batch s+1 generates while step s trains. Every sample's recorded policy
+    version is the one that generated it: its engine logprobs are those of that checkpoint's weights
+    (and not of the next one's); the lag stays within max_staleness; step 1 is the sync run's step 1."""
+    from transformers import AutoModelForCausalLM
+    sync_dir, sync_rows, _ = smoke
+    run_dir = tmp_path / "async"
+    rows = train_smoke(run_dir, "trainer.mode=async", "trainer.steps=4", "trainer.checkpoint_every=1",
+                       "trainer.keep_checkpoints=0", "trainer.eval=false", "trainer.eval_every=0")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [r["policy_lag_max"] for r in rows] == [0, 1, 1, 1]
+    assert [r["policy_lag_min"] for r in rows] == [0, 1, 1, 1]
+    assert [r["policy_version"] for r in rows] == [0, 0, 1, 2]
+    assert [r["weight_pushes"] for r in rows] == [0, 1, 1, 0]  # between generation calls; none after the last
+    assert rows[0]["logprob_abs_diff_mean"] < SYNC_TOL  # lag 0: the learner holds the generating weights
+    for r in rows:
+        assert r["tis_weight_mean"] > 0 and r["time_learner_waited_s"] >= 0 and 0 <= r["learner_idle_fraction"] <= 1
+    assert all(0 <= r["engine_idle_fraction"] <= 1 for r in rows[1:])
+    config = (run_dir / "config.yaml").read_text()
+    assert "mode: async" in config and "tis_cap: 2.0" in config  # the behaviour-policy weight, resolved
+
+    def version_dir(v: int):
+        return run_dir / "initial_model" if v == 0 else run_dir / "checkpoints" / f"step_{v:06d}"
+
+    models: dict = {}
+
+    def model(v: int):
+        if v not in models:
+            models[v] = AutoModelForCausalLM.from_pretrained(version_dir(v), dtype=torch.float32).eval()
+        return models[v]
+
+    for step in (2, 3, 4):
+        table = pq.read_table(run_dir / "rollouts" / f"step_{step:06d}.parquet").slice(0, 8)
+        own, next_ = [], []
+        for row in table.to_pylist():
+            v = row["policy_version"]
+            assert v == step - 2
+            engine = torch.tensor(row["logprobs"])
+            own.append((_logprobs(model(v), row["prompt_token_ids"], row["completion_token_ids"]) - engine).abs().mean())
+            next_.append((_logprobs(model(v + 1), row["prompt_token_ids"], row["completion_token_ids"]) - engine)
+                         .abs().mean())
+        assert max(own) < SYNC_TOL < 10 * SYNC_TOL < min(next_), (step, max(own), min(next_))
+
+    # the same seed draws the same first batch in both modes; the second differs in its policy
+    a = pq.read_table(run_dir / "rollouts" / "step_000001.parquet")
+    b = pq.read_table(sync_dir / "rollouts" / "step_000001.parquet")
+    for col in ("prompt_id", "completion_token_ids", "reward", "policy_version"):
+        assert a.column(col).to_pylist() == b.column(col).to_pylist(), col
+    assert rows[0]["loss"] == pytest.approx(sync_rows[0]["loss"], rel=1e-4, abs=1e-6)
+    assert set(pq.read_table(sync_dir / "rollouts" / "step_000002.parquet").column("policy_version").to_pylist()) == {1}
 
 
 def test_report_of_the_run_renders_every_plot_in_a_browser(smoke, tmp_path):

@@ -54,7 +54,8 @@ def test_deploy_default_yaml_is_the_embedded_default():
     assert Config.model_validate(written) == Config()
 
 
-@pytest.mark.parametrize("name", ["default.yaml", "smoke.yaml", "gpu-1.5b-8gpu.yaml", "gsm8k-cpu.yaml"])
+@pytest.mark.parametrize("name", ["default.yaml", "smoke.yaml", "gpu-1.5b-8gpu.yaml", "gpu-1.5b-8gpu-async.yaml",
+                                  "gsm8k-cpu.yaml", "async-cpu.yaml", "smoke-tools.yaml", "tools-calculator.yaml"])
 def test_shipped_configs_validate(name, monkeypatch):
     monkeypatch.chdir(ROOT)  # gsm8k-cpu.yaml reads ../shared relative to the checkout
     path = ROOT / "deploy/configs" / name

@@ -1,0 +1,55 @@
+"""Token ids of a conversation as the chat template lays it out, built piece by piece so that what
+the engine sampled is never re-tokenized: the first messages, then per turn either the model's own
+tokens or an observation's. The engine (multi-turn rollouts) and `groupflow sft` (multi-turn traces)
+both build turns here, so SFT trains on the layout RL samples in."""
+from __future__ import annotations
+
+
+class TurnTemplate:
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        self.eos = tokenizer.eos_token_id
+        # What the template puts after an assistant turn's end-of-turn token (often a newline)
+        self._base = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+        self._rendered = tokenizer.apply_chat_template(self._base, tokenize=False)
+        mark = "a" + tokenizer.eos_token
+        self._tail = self._rendered[self._rendered.rindex(mark) + len(mark):]
+
+    def prompt_ids(self, messages: list[dict]) -> list[int]:
+        """The first messages, with the generation prompt of the assistant's first turn."""
+        text = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
+    def observation_ids(self, text: str, cap: int | None = None) -> tuple[list[int], bool]:
+        """The tokens that follow the model's end of turn when `text` comes back as the next user
+        turn, through the next assistant turn's generation prompt; and whether `text` is over `cap`
+        tokens (then cut to it)."""
+        content = self.tok(text, add_special_tokens=False)["input_ids"]
+        cut = cap is not None and len(content) > cap
+        if cut:
+            text = self.tok.decode(content[:cap])
+        full = self.tok.apply_chat_template(self._base + [{"role": "user", "content": text}],
+                                            add_generation_prompt=True, tokenize=False)
+        if not full.startswith(self._rendered):
+            raise ValueError("the chat template renders an earlier turn differently once a turn follows it")
+        return self.tok(self._tail + full[len(self._rendered):], add_special_tokens=False)["input_ids"], cut
+
+    def assistant_ids(self, text: str) -> list[int]:
+        """An assistant turn as the model would sample it: its text, then the end-of-turn token."""
+        return self.tok(text, add_special_tokens=False)["input_ids"] + [self.eos]
+
+    def conversation(self, messages: list[dict]) -> tuple[list[int], list[int], list[int]]:
+        """(prompt ids, completion ids, loss mask) of a whole conversation: the prompt is everything
+        before the first assistant turn; assistant turns are learned (mask 1), the rest is context."""
+        first = next((i for i, m in enumerate(messages) if m["role"] == "assistant"), None)
+        if first is None or first == 0:
+            raise ValueError("a conversation needs messages before its first assistant turn, and one")
+        prompt, ids, mask = self.prompt_ids(messages[:first]), [], []
+        for m in messages[first:]:
+            if m["role"] == "assistant":
+                piece = self.assistant_ids(m["content"])
+                ids, mask = ids + piece, mask + [1] * len(piece)
+            else:
+                piece, _ = self.observation_ids(m["content"])
+                ids, mask = ids + piece, mask + [0] * len(piece)
+        return prompt, ids, mask

@@ -1,0 +1,127 @@
+"""Environments (rewards/envs.py), the turn layout (actors/chat.py) and tool traces, without engines."""
+import json
+
+import pytest
+
+from rewards.envs import CalculatorEnv, EnvCaller, PythonToolEnv, check_step, evaluate, make_env
+from rewards.procpool import ScorerPool
+
+ROW = {"id": "arith-7", "messages": [{"role": "system", "content": "Reply with only the final number."},
+                                     {"role": "user", "content": "What is 12 * 34?"}], "answer": 408.0}
+
+
+@pytest.mark.parametrize("expr,value", [("12 * 34", 408), ("(1 + 2) * -3", -9), ("7 / 2", 3.5), ("2 ** 10", 1024),
+                                        ("17 // 5 + 17 % 5", 5), ("1.5 * 4", 6.0)])
+def test_calculator_evaluates_arithmetic(expr, value):
+    assert evaluate(expr) == value
+
+
+@pytest.mark.parametrize("expr", ["__import__('os').system('id')", "open('/etc/passwd')", "x + 1", "1 / 0",
+                                  "2 ** 100000", "9 ** 9 ** 9", "(1).real", "[1] * 3", "'a' * 3", "", "1 +"])
+def test_calculator_refuses_anything_but_arithmetic(expr):
+    with pytest.raises(ValueError):
+        evaluate(expr)
+
+
+def test_calculator_env_turns():
+    env = CalculatorEnv({})
+    msgs = env.start(ROW)
+    assert msgs[0]["role"] == "system" and "<calc>" in msgs[0]["content"] and "final number" in msgs[0]["content"]
+    assert msgs[1:] == ROW["messages"][1:]
+    assert env.step(ROW, [], "let me see <calc>12 * 34</calc>") == {"observation": "<result>408</result>", "tool_ok": True}
+    bad = env.step(ROW, [], "<calc>12 * x</calc>")
+    assert bad["tool_ok"] is False and bad["observation"].startswith("<error>")
+    assert env.step(ROW, [], "408") is None  # no call: the episode ends
+
+
+def test_python_tool_runs_in_the_sandbox():
+    env = PythonToolEnv({"wall_s": 10})
+    assert env.step(ROW, [], "<python>print(12 * 34)</python>") == {"observation": "<output>408</output>", "tool_ok": True}
+    failed = env.step(ROW, [], "<python>import socket; socket.create_connection(('1.1.1.1', 80))</python>")
+    assert failed["tool_ok"] is False  # no network in the sandbox
+
+
+def test_step_results_are_checked():
+    assert check_step(None)["observation"] is None
+    assert check_step("out") == {"observation": "out", "reward": 0.0, "tool_ok": None}
+    assert check_step({"observation": "o", "reward": 1, "tool_ok": True})["reward"] == 1.0
+    for bad in (3, {"observation": 5}, {"reward": float("nan")}, {"extra": 1}):
+        with pytest.raises(ValueError):
+            check_step(bad)
+
+
+def test_a_users_environment_file(tmp_path):
+    path = tmp_path / "my_env.py"
+    path.write_text("class Echo:\n    def __init__(self, options):\n        self.n = options.get('n', 1)\n"
+                    "    def start(self, row):\n        return row['messages']\n"
+                    "    def step(self, row, turns, text):\n        return None if len(turns) >= 2 * self.n else 'echo: ' + text\n")
+    env = make_env(f"{path}:Echo", {"n": 1})
+    assert env.step(ROW, [], "hi") == "echo: hi" and env.step(ROW, [{}, {}], "hi") is None
+    (tmp_path / "broken.py").write_text("class NoStep:\n    def __init__(self, o): pass\n    def start(self, row): return []\n")
+    with pytest.raises(TypeError, match="step"):
+        make_env(f"{tmp_path / 'broken.py'}:NoStep", {})
+
+
+def test_environment_steps_run_in_scoring_subprocesses_with_their_containment(tmp_path):
+    """The pool's subprocesses run environment jobs like rewards: a step that hangs is killed at the
+    sample timeout and one that raises is reported, and the others are answered."""
+    path = tmp_path / "env.py"
+    path.write_text("import time\nclass E:\n    def __init__(self, o): pass\n    def start(self, row): return row['messages']\n"
+                    "    def step(self, row, turns, text):\n"
+                    "        if text == 'hang': time.sleep(60)\n"
+                    "        if text == 'raise': raise RuntimeError('tool broke')\n"
+                    "        return {'observation': text.upper(), 'reward': 0.5}\n")
+    spec = {"key": "__env__", "name": "__env__", "options": {"env": f"{path}:E", "options": {}}}
+    pool = ScorerPool([spec], 2, sample_timeout_s=2.0)
+    try:
+        out = pool.run([(0, "", "", {"op": "step", "row": ROW, "turns": [], "text": t}) for t in ("hang", "raise", "ok")]
+                       + [(0, "", "", {"op": "start", "row": ROW})])
+    finally:
+        pool.shutdown()
+    assert out[0][0] == "timeout" and out[1][0] == "raised" and "tool broke" in out[1][1]
+    assert out[2] == ("ok", {"observation": "OK", "reward": 0.5, "tool_ok": None})
+    assert out[3] == ("ok", ROW["messages"])
+    assert isinstance(EnvCaller({"env": "calculator"})({}, "", {"op": "start", "row": ROW}), list)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from cluster.models import ensure_smollm2
+    return AutoTokenizer.from_pretrained(ensure_smollm2())
+
+
+def test_turn_layout_is_the_chat_templates(tokenizer):
+    """Built turn by turn (as rollouts append them), a conversation decodes to the template's own
+    rendering of it; the mask covers the assistant turns and their end-of-turn token exactly."""
+    from actors.chat import TurnTemplate
+    turns = TurnTemplate(tokenizer)
+    msgs = CalculatorEnv({}).start(ROW) + [{"role": "assistant", "content": "<calc>12 * 34</calc>"},
+                                          {"role": "user", "content": "<result>408</result>"},
+                                          {"role": "assistant", "content": "408"}]
+    prompt, ids, mask = turns.conversation(msgs)
+    assert tokenizer.decode(prompt + ids) == tokenizer.apply_chat_template(msgs, tokenize=False).rstrip("\n")
+    learned = [t for t, m in zip(ids, mask) if m]
+    assert tokenizer.decode(learned) == "<calc>12 * 34</calc><|im_end|>408<|im_end|>"
+    assert ids[-1] == tokenizer.eos_token_id and mask[-1] == 1
+    obs, cut = turns.observation_ids("x " * 100, cap=10)
+    assert cut and len(obs) < 30
+
+
+def test_traces_are_conversations_sft_reads(tmp_path, tokenizer):
+    from cluster.sft import SFTDataConfig, tokenize
+    from rewards.config import TaskConfig
+    from rewards.tasks import make_task
+    from rewards.traces import write_traces
+    task = make_task(TaskConfig(operations=["*"], max_operand=999, eval_size=10), seed=0)
+    out = tmp_path / "traces.jsonl"
+    assert write_traces(task, "calculator", 20, out) == 20
+    first = json.loads(out.read_text().splitlines()[0])
+    a, b = first["messages"][2]["content"].removeprefix("<calc>").removesuffix("</calc>").split(" * ")
+    assert first["messages"][3]["content"] == f"<result>{int(a) * int(b)}</result>"
+    assert first["messages"][4]["content"] == str(int(a) * int(b))
+    held_out = {r["id"] for r in task.eval_prompts()}
+    assert not held_out & {json.loads(x)["id"] for x in out.read_text().splitlines()}
+    rows, skipped = tokenize(SFTDataConfig(path=out, messages_field="messages"), str(tokenizer.name_or_path))
+    assert len(rows) == 20 and all(len(r["loss_mask"]) == len(r["completion_token_ids"]) for r in rows)
