@@ -5,6 +5,12 @@ both build turns here, so SFT trains on the layout RL samples in."""
 from __future__ import annotations
 
 
+def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """The first messages, with the generation prompt of the assistant's first turn."""
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 class TurnTemplate:
     def __init__(self, tokenizer):
         self.tok = tokenizer
@@ -13,12 +19,14 @@ class TurnTemplate:
         self._base = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
         self._rendered = tokenizer.apply_chat_template(self._base, tokenize=False)
         mark = "a" + tokenizer.eos_token
+        if mark not in self._rendered:
+            raise ValueError(f"the chat template does not end an assistant turn with the tokenizer's eos token "
+                             f"{tokenizer.eos_token!r}; multi-turn rollouts need the model to stop on its "
+                             "end-of-turn token (set the tokenizer's eos_token to it)")
         self._tail = self._rendered[self._rendered.rindex(mark) + len(mark):]
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
-        """The first messages, with the generation prompt of the assistant's first turn."""
-        text = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return self.tok(text, add_special_tokens=False)["input_ids"]
+        return prompt_ids(self.tok, messages)
 
     def observation_ids(self, text: str, cap: int | None = None) -> tuple[list[int], bool]:
         """The tokens that follow the model's end of turn when `text` comes back as the next user

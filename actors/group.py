@@ -38,6 +38,7 @@ class EngineGroup:
         self.actors, self.launch = list(actors), launch
         self.max_restarts, self.timeout_s = max_restarts, timeout_s
         self.restarts = 0
+        self.closed = False  # after kill(): a call that finds an engine dead must not start another
         self.on_replaced: Optional[Callable[[int], None]] = None
 
     def __len__(self) -> int:
@@ -122,6 +123,8 @@ class EngineGroup:
     def replace(self, i: int, error: BaseException) -> None:
         """Start engine i again on its bundle; the driver's `on_replaced` brings it up to date."""
         cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if self.closed:
+            raise EngineFailure(f"engine {i} is gone: the engines were shut down") from error
         if self.launch is None:
             raise EngineFailure(f"engine {i} died: {cause}") from error
         if self.restarts >= self.max_restarts:
@@ -140,5 +143,6 @@ class EngineGroup:
             self.on_replaced(i)
 
     def kill(self) -> None:
+        self.closed = True
         for a in self.actors:
             ray.kill(a)

@@ -6,7 +6,7 @@ import logging
 import os
 import warnings
 
-from .chat import TurnTemplate
+from .chat import TurnTemplate, prompt_ids
 from .config import EngineConfig
 
 EXTENSION = "actors.vllm_worker_ext.WeightSyncExtension"
@@ -46,10 +46,17 @@ class VLLMEngine:
             kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
-        self.turns = TurnTemplate(self.tokenizer)  # multi-turn: observations appended as token ids
+        self._turns: TurnTemplate | None = None
+
+    @property
+    def turns(self) -> TurnTemplate:
+        """The turn layout (multi-turn rollouts only: a single turn needs nothing of it)."""
+        if self._turns is None:
+            self._turns = TurnTemplate(self.tokenizer)
+        return self._turns
 
     def chat_token_ids(self, messages: list[dict]) -> list[int]:
-        return self.turns.prompt_ids(messages)
+        return prompt_ids(self.tokenizer, messages)
 
     def generate(self, prompt_ids: list[list[int]], n: int, greedy: bool) -> list[list[dict]]:
         """For each prompt, n samples: token ids, per-token logprobs, text, finish reason."""

@@ -184,6 +184,9 @@ class Config(BaseModel):
         if self.rollout.multi_turn and self.algorithm.supervision == "process":
             raise ValueError("algorithm.supervision=process scores steps of one completion; with rollout.env "
                              f"{self.rollout.env} a trajectory has several turns: use outcome supervision")
+        if self.rollout.multi_turn and self.algorithm.overlong.buffer:
+            raise ValueError("algorithm.overlong.buffer penalizes length against engines.max_new_tokens, one turn's "
+                             f"budget; with rollout.env {self.rollout.env} a sample has several turns: set it to 0")
         if self.rollout.multi_turn and self.engines.max_model_len <= self.engines.max_new_tokens:
             raise ValueError("engines.max_model_len must leave room for the prompt and the turns")
         if self.rollout.multi_turn and self.rollout.max_total_tokens < self.engines.max_new_tokens:

@@ -122,6 +122,6 @@ def _run(cfg: Config, run_dir: Path, progress: bool, restarts: int) -> dict:
             save(done)
         raise
     finally:
-        rollouts.close()
         log.close()
         roles.shutdown()
+        rollouts.close()  # a collect in flight ends once its engines are gone

@@ -94,7 +94,7 @@ def collect(generator, pool, task, first: Generation, prompts: int, group_size: 
         if gen is None:  # a refill round
             new = task.next_prompts(prompts - len(informative))
             gen = generator.submit(new, group_size, first_group=len(rows), seed=seed)
-            rows += new
+            rows += gen.rows  # as submitted: with an environment's first messages
         rollouts = generator.collect(gen)
         gen = None
         began, ended = _span(rollouts)

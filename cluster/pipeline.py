@@ -12,8 +12,10 @@ worker thread: the loop holds its future and decides when to wait for it.
 """
 from __future__ import annotations
 
+import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -51,7 +53,6 @@ class Rollouts:
         self._pushes: list[dict] = []               # since the last step's metrics
         self._last_ended: float | None = None       # when the engines finished the previous batch
         self._last_began: float | None = None
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="groupflow-rollouts")
 
     @property
     def engine_version(self) -> int:
@@ -80,7 +81,7 @@ class Rollouts:
         rows = self.task.next_prompts(t.prompts_per_step)
         seed = phases.step_seed(t.seed, step)
         gen = self.roles.generator.submit(rows, t.group_size, first_group=0, seed=seed)
-        self.future = self._thread.submit(self._collect, step, gen, seed)
+        self.future = _in_thread(self._collect, step, gen, seed)
         self.next += 1
 
     def _collect(self, step: int, gen, seed: int) -> Taken:
@@ -127,5 +128,25 @@ class Rollouts:
         return {"time_sync_s": sum(p["time_sync_s"] for p in done), "sync_bytes": sum(p["sync_bytes"] for p in done),
                 "weight_pushes": len(done)}
 
-    def close(self) -> None:
-        self._thread.shutdown(wait=False, cancel_futures=True)
+    def close(self, timeout_s: float = 30.0) -> None:
+        """After the roles are shut down: a collect still in flight fails fast (engines and reward
+        pool refuse to replace actors once closed); give it a moment, never wait for it long."""
+        if self.future is not None:
+            try:
+                self.future.exception(timeout=timeout_s)
+            except FutureTimeout:
+                pass
+            self.future = None
+
+
+def _in_thread(fn, *args) -> Future:
+    """fn(*args) in a daemon thread (one left behind by a preemption never holds up the exit)."""
+    future: Future = Future()
+
+    def run():
+        try:
+            future.set_result(fn(*args))
+        except BaseException as e:  # noqa: BLE001 - delivered to whoever takes the result
+            future.set_exception(e)
+    threading.Thread(target=run, name="groupflow-rollouts", daemon=True).start()
+    return future

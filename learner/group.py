@@ -1,6 +1,7 @@
 """LearnerGroup: the driver's handle on N learner ranks; every call goes to all ranks at once."""
 from __future__ import annotations
 
+import threading
 import time
 
 import ray
@@ -59,6 +60,7 @@ class LearnerGroup:
                  mode: str = "rl", ref_path: str | None = None, version: int = 0):
         self.cfg, self.timeout_s = cfg, timeout_s
         self.version = version  # the policy version on the ranks: updates applied
+        self._order = threading.Lock()
         n = cfg.num_ranks
         self.ranks = [
             LearnerActor.options(num_cpus=cfg.cpus_per_rank, num_gpus=1 if cfg.device == "cuda" else 0,
@@ -72,13 +74,18 @@ class LearnerGroup:
                   what="learner start-up (DeepSpeed init)")
 
     def call(self, method: str, *args, what: str | None = None, per_rank: list | None = None):
-        refs = [getattr(a, method).remote(*(per_rank[r] if per_rank else args))
-                for r, a in enumerate(self.ranks)]
+        refs = self._submit(method, [per_rank[r] if per_rank else args for r in range(len(self.ranks))])
         return wait_all(refs, [f"learner rank {r}" for r in range(len(refs))], self.timeout_s, what or method)
 
     def start(self, method: str, *args) -> list:
         """Fire a collective call without waiting (weight sync runs alongside the engines)."""
-        return [getattr(a, method).remote(*args) for a in self.ranks]
+        return self._submit(method, [args] * len(self.ranks))
+
+    def _submit(self, method: str, args: list) -> list:
+        # Collective calls must reach every rank in the same order: the rollout thread (an engine's
+        # replacement joining the weight sync) and the loop may both call the ranks.
+        with self._order:
+            return [getattr(a, method).remote(*args[r]) for r, a in enumerate(self.ranks)]
 
     def prepare(self, shards: list[dict]) -> tuple[dict, list[float]]:
         """pi_old / pi_ref (/ critic) pass on every rank; returns its time and each sample's KL sum."""

@@ -32,8 +32,10 @@ def gae(
     """Generalized advantage estimation (Schulman et al. 2016), backwards over tokens:
 
         delta_t = r_t + gamma V_{t+1} - V_t,   A_t = delta_t + gamma lam A_{t+1}
-    with V and A taken as 0 after the last real token. Returns (advantages, returns = A + V), both
-    0 at padding. Targets, not differentiated: computed without grad.
+    with V and A taken as 0 after the last real token. Masked positions between real ones (the
+    observations of a multi-turn sample) are skipped: t+1 is the next token the model sampled.
+    Returns (advantages, returns = A + V), both 0 at masked positions. Targets, not differentiated:
+    computed without grad.
     """
     mask = mask.to(torch.float32)
     r, v = token_rewards.float() * mask, values.float() * mask
@@ -43,8 +45,10 @@ def gae(
         delta = r[:, t] + gamma * next_v - v[:, t]
         a = (delta + gamma * lam * next_a) * mask[:, t]
         adv[:, t] = a
-        # Right padding: a padded t hands zeros back to the last real token.
-        next_v, next_a = v[:, t], a
+        # A masked t hands on what it was handed: zeros after the last real token (right padding),
+        # the next model turn's value and advantage across an observation.
+        real = mask[:, t] > 0
+        next_v, next_a = torch.where(real, v[:, t], next_v), torch.where(real, a, next_a)
     return adv, (adv + v) * mask
 
 

@@ -187,6 +187,7 @@ class RewardPool:
 
     def __init__(self, cfg: RewardsConfig, actor_options: list[dict], default_component: str = "math",
                  env: dict | None = None):
+        self.closed = False  # after shutdown(): a dead worker is not replaced
         self.cfg, self.env_spec = cfg, env  # env: {"env": name or path:Class, "options": {...}} or None
         components = cfg.components or [RewardComponent(name=default_component)]
         self.keys = component_keys(components)
@@ -243,8 +244,9 @@ class RewardPool:
             try:
                 part = ray.get(done[0])
             except ray.exceptions.RayActorError as e:
-                if retried:
-                    raise RuntimeError(f"reward {role} {idx} died twice scoring the same batch") from e
+                if retried or self.closed:
+                    raise RuntimeError(f"reward {role} {idx} died {'after shutdown' if self.closed else 'twice'} "
+                                       "scoring the same batch") from e
                 log.warning("reward %s %s died (%s); replacing it and scoring its share again",
                             role, idx, type(e).__name__)
                 ray.kill(self.models[idx] if role == "model" else self.workers[idx])  # if merely unreachable
@@ -290,8 +292,9 @@ class RewardPool:
             try:
                 out[i::k] = ray.get(done[0])
             except ray.exceptions.RayActorError as e:
-                if retried:
-                    raise RuntimeError(f"reward worker {i} died twice running the same environment steps") from e
+                if retried or self.closed:
+                    raise RuntimeError(f"reward worker {i} died {'after shutdown' if self.closed else 'twice'} "
+                                       "running the same environment steps") from e
                 log.warning("reward worker %d died (%s); replacing it and running its steps again", i, type(e).__name__)
                 ray.kill(self.workers[i])
                 self.workers[i] = self._new_worker(i)
@@ -299,6 +302,7 @@ class RewardPool:
         return out
 
     def shutdown(self):
+        self.closed = True
         # Workers kill their subprocesses first; orphans would also leave on their own, within a second.
         try:
             ray.get([w.shutdown.remote() for w in self.workers], timeout=10)

@@ -81,3 +81,16 @@ def test_whitening_split_over_ranks_equals_whitening_the_batch():
     parts = torch.cat([masked_whiten(t, m, reduce=lambda _: summed) for t, m in halves])
     torch.testing.assert_close(parts, whole)
     assert abs(float((whole * mask).sum())) < 1e-4  # zero mean over real tokens
+
+
+def test_gae_skips_observation_tokens_of_a_multi_turn_sample():
+    """Masked positions between model tokens (a tool's output) are skipped: the advantages of the
+    model's tokens equal GAE over the model's tokens alone, and the outcome reaches the first turn."""
+    rewards = torch.tensor([[0.0, 0.0, 9.0, 9.0, 1.0]])  # what observations hold must not matter
+    values = torch.tensor([[0.2, 0.4, 5.0, 5.0, 0.6]])
+    mask = torch.tensor([[1.0, 1.0, 0.0, 0.0, 1.0]])
+    adv, ret = gae(rewards, values, mask, gamma=0.9, lam=0.8)
+    alone, alone_ret = gae(rewards[:, [0, 1, 4]], values[:, [0, 1, 4]], torch.ones(1, 3), gamma=0.9, lam=0.8)
+    torch.testing.assert_close(adv[:, [0, 1, 4]], alone)
+    torch.testing.assert_close(ret[:, [0, 1, 4]], alone_ret)
+    assert adv[0, 2] == adv[0, 3] == 0 and adv[0, 0] != 0
