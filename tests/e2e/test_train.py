@@ -2,13 +2,13 @@
 import json
 import subprocess
 import sys
-import time
 
 import pyarrow.parquet as pq
 import pytest
 import torch
 
 from tests.conftest import ROOT
+from tests.e2e.conftest import train_smoke
 
 pytestmark = pytest.mark.e2e
 
@@ -17,32 +17,6 @@ METRIC_KEYS = {
     "step", "reward_mean", "reward_std", "loss", "kl", "entropy", "clip_fraction",
     "response_length_mean", "generated_tokens", "time_generate_s", "time_reward_s", "time_train_s",
     "time_sync_s", "time_step_s", "policy_version", "logprob_abs_diff_mean"}
-
-
-def train_smoke(run_dir, *overrides) -> list[dict]:
-    cmd = [sys.executable, "-m", "cluster.cli", "train", "--config", "deploy/configs/smoke.yaml",
-           "--run-dir", str(run_dir), "--no-progress", *overrides]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-8000:]
-    assert f"run directory {run_dir}" in proc.stdout
-    with open(run_dir / "metrics.jsonl") as f:
-        return [json.loads(line) for line in f]
-
-
-@pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
-    """The smoke run, scraped meanwhile by a real Prometheus (kept for the dashboard test)."""
-    from cluster.sync.torch_dist import free_port
-    from tests.prometheus import Prometheus
-    run_dir, port = tmp_path_factory.mktemp("smoke"), free_port()
-    prometheus = Prometheus(tmp_path_factory.mktemp("prometheus"), port)
-    start = time.time()
-    try:
-        rows = train_smoke(run_dir, f"run.metrics_export_port={port}")
-        time.sleep(3)  # a last scrape after the last step
-        yield run_dir, rows, {"prometheus": prometheus, "start": start, "end": time.time()}
-    finally:
-        prometheus.stop()
 
 
 def test_smoke_run_writes_metrics_rollouts_and_checkpoint(smoke):

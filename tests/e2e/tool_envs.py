@@ -1,10 +1,10 @@
 """Environments for the multi-turn mechanics test. A tiny random model never writes a tool call of
 its own, so these make one out of whatever it wrote, and send it through the real built-in tool (the
-calculator's parser, the code sandbox). Some prompts get a tool that misbehaves, by row number:
+calculator's parser). Some prompts get a tool that misbehaves, by row number:
 1 hangs, 2 raises, 3 floods its output; the rest get two tool calls, then the episode ends."""
 import time
 
-from rewards.envs import CalculatorEnv, PythonToolEnv
+from rewards.envs import CalculatorEnv
 
 
 def _kind(row: dict) -> int:
@@ -39,10 +39,3 @@ class ForcedCalculator(_Forced):
 
     def call(self, text: str) -> str:
         return f"<calc>{len(text)} * 7 + 1</calc>"
-
-
-class ForcedPython(_Forced):
-    tool = PythonToolEnv
-
-    def call(self, text: str) -> str:
-        return f"<python>print(sum(range({len(text)})))</python>"

@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from rewards.envs import CalculatorEnv, EnvCaller, PythonToolEnv, check_step, evaluate, make_env
-from rewards.procpool import ScorerPool
+from rewards.envs import ENV_SPEC, CalculatorEnv, EnvCaller, PythonToolEnv, check_step, evaluate, make_env
+from rewards.procpool import SANDBOX_UID_BASE, ScorerPool
 
 ROW = {"id": "arith-7", "messages": [{"role": "system", "content": "Reply with only the final number."},
                                      {"role": "user", "content": "What is 12 * 34?"}], "answer": 408.0}
@@ -82,6 +82,23 @@ def test_environment_steps_run_in_scoring_subprocesses_with_their_containment(tm
     assert out[2] == ("ok", {"observation": "OK", "reward": 0.5, "tool_ok": None})
     assert out[3] == ("ok", ROW["messages"])
     assert isinstance(EnvCaller({"env": "calculator"})({}, "", {"op": "start", "row": ROW}), list)
+
+
+def test_the_python_tool_steps_in_a_scoring_subprocess_as_its_sandbox_uid():
+    """The built-in python tool as a reward worker runs it: in a scoring subprocess, its code in the
+    sandbox under that slot's uid; a second slot runs its own step alongside."""
+    spec = {"key": ENV_SPEC, "name": ENV_SPEC, "options": {"env": "python_tool", "options": {"wall_s": 10}}}
+    pool = ScorerPool([spec], 2, sample_timeout_s=30.0, uid_base=SANDBOX_UID_BASE)
+    try:
+        out = pool.run([(0, "", "", {"op": "step", "row": ROW, "turns": [], "text": f"<python>{code}</python>"})
+                        for code in ("import os; print(os.getuid())", "print(sum(range(5)))", "while True: pass")])
+    finally:
+        pool.shutdown()
+    assert out[0][0] == "ok" and out[0][1]["tool_ok"], out
+    assert out[0][1]["observation"] in {f"<output>{SANDBOX_UID_BASE + i}</output>" for i in range(2)}, out
+    assert out[1][1]["observation"] == "<output>10</output>"
+    assert out[2][1]["observation"].startswith("<output>error: killed by signal") and "cpu_s=2" in out[2][1]["observation"]
+    assert out[2][1]["tool_ok"] is False
 
 
 @pytest.fixture(scope="module")
