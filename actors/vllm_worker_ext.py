@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from cluster.sync.base import DTYPES, SyncPlan, unpack
-from cluster.sync.torch_dist import TorchDistTransport
+from weightsync.plan import DTYPES, SyncPlan, unpack
+from weightsync.torch_dist import TorchDistTransport
 
 
 def _repack_kept_cpu_gemms(model: torch.nn.Module) -> None:

@@ -18,7 +18,7 @@ from rewards.tasks import DEFAULT_REWARD
 
 from .config import Config, RolePlacement, RunConfig
 from .generator import Generator
-from .sync.broadcast import WeightSync
+from .weight_sync import WeightSync
 
 log = logging.getLogger("groupflow")
 

@@ -41,7 +41,7 @@ class LearnerActor:
 
     def address(self) -> tuple[str, int]:
         """This node's IP and a free port: rank 0's serve as MASTER_ADDR/PORT and the sync store."""
-        from cluster.sync.torch_dist import free_port
+        from weightsync.torch_dist import free_port
         return ray.util.get_node_ip_address(), free_port()
 
     def node(self) -> str:
@@ -58,7 +58,7 @@ class LearnerActor:
         os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK="0",
                           MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        from cluster.sync.torch_dist import interface_of, route_ip
+        from weightsync.torch_dist import interface_of, route_ip
         iface = interface_of(route_ip(master_addr))  # ranks on several hosts: not the loopback
         if iface and iface != "lo":
             os.environ.setdefault("GLOO_SOCKET_IFNAME", iface)
@@ -148,7 +148,7 @@ class LearnerActor:
 
     def init_weight_sync(self, host: str, port: int, world_size: int, backend: str, timeout_s: float):
         if self.rank == 0:  # only rank 0 is in the sync group; it is the TCP store's master
-            from cluster.sync.torch_dist import TorchDistTransport
+            from weightsync.torch_dist import TorchDistTransport
             self._transport = TorchDistTransport(host, port, 0, world_size, backend, timeout_s)
         return self.rank
 
@@ -157,7 +157,7 @@ class LearnerActor:
         bucket k+1 is gathered and packed while bucket k is on the wire. The policy version goes
         first, so the engines record the version of the weights they actually got. Returns it."""
         import deepspeed
-        from cluster.sync.base import DTYPES, pack
+        from weightsync.plan import DTYPES, pack
 
         params = dict(self._named_params())
         error: Exception | None = None  # rank 0 keeps gathering after a failed send: the others wait for it
@@ -190,7 +190,7 @@ class LearnerActor:
 
     def raw_broadcast(self, numel: int, dtype: str) -> None:
         """Benchmark floor: one flat buffer of `numel` elements over the weight-sync group."""
-        from cluster.sync.base import DTYPES
+        from weightsync.plan import DTYPES
         self._transport.broadcast(torch.zeros(numel, dtype=DTYPES[dtype], device=self.device))
 
     def _trained(self) -> list[str]:  # the reference is the fixed start: nothing of it to save

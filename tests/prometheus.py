@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from cluster.sync.torch_dist import free_port
+from weightsync.torch_dist import free_port
 from tests.conftest import ROOT
 
 

@@ -24,7 +24,7 @@ def train_smoke(run_dir, *overrides) -> list[dict]:
 def smoke(tmp_path_factory):
     """The smoke run (3 steps, 2 engines, 2 learner ranks), scraped meanwhile by a real Prometheus
     (kept for the dashboard test). Tests only read what it wrote."""
-    from cluster.sync.torch_dist import free_port
+    from weightsync.torch_dist import free_port
     from tests.prometheus import Prometheus
     run_dir, port = tmp_path_factory.mktemp("smoke"), free_port()
     prometheus = Prometheus(tmp_path_factory.mktemp("prometheus"), port)

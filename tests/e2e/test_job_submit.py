@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from cluster.sync.torch_dist import free_port
+from weightsync.torch_dist import free_port
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.e2e

@@ -3,8 +3,8 @@ import multiprocessing as mp
 
 import torch
 
-from cluster.sync.base import TensorSpec, pack, plan_buckets, unpack
-from cluster.sync.torch_dist import TorchDistTransport, free_port
+from weightsync.plan import TensorSpec, pack, plan_buckets, unpack
+from weightsync.torch_dist import TorchDistTransport, free_port
 
 
 def test_plan_coalesces_in_order_and_respects_the_limit():

@@ -7,7 +7,7 @@ import ray
 
 from learner.group import MemberDied, wait_all
 
-from .base import SyncPlan, TensorSpec, plan_buckets
+from weightsync.plan import SyncPlan, TensorSpec, plan_buckets
 
 
 class WeightSync:
