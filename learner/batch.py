@@ -107,10 +107,18 @@ def make_packed_micro(prompts: list[list[int]], completions: list[list[int]], ro
 def completion_logits(model, micro: Micro, temperature: float = 1.0) -> torch.Tensor:
     """The logits that predict each completion token, temperature applied: [B, C, V].
 
-    Logits at all positions, then a gather: `logits_to_keep` (projecting only from the shortest
-    prompt's end) measured 13% slower per forward+backward under ZeRO-3 on CPU.
+    The LM head runs only at those positions: a pre-hook on the head gathers its input, so the
+    prompt's positions (and the padding) never reach the vocabulary projection, forward or backward.
+    Exact: the head is per position. Measured side by side on a GSM8K-shaped packed micro-batch
+    (SmolLM2, fp32, 2 rows of 910 tokens, 16 completions; AMD EPYC AVX2): forward+backward 21.7 ->
+    19.5 s (medians of 3), and no [rows, length, vocab] logits or their gradient in memory.
     """
-    sel = micro.gather(model(**micro.inputs()).logits)  # completion positions only: [B, C, V]
+    head = getattr(model, "module", model).get_output_embeddings()  # a DeepSpeed engine wraps the model
+    hook = head.register_forward_pre_hook(lambda _, args: (micro.gather(args[0]), *args[1:]))
+    try:
+        sel = model(**micro.inputs()).logits  # [B, C, V]
+    finally:
+        hook.remove()
     return sel / temperature if temperature != 1.0 else sel
 
 

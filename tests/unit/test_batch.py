@@ -84,6 +84,28 @@ def test_shared_prefix_equals_unshared_logprobs_and_gradients(group_sizes):
         torch.testing.assert_close(got_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
+@pytest.mark.parametrize("make", [make_micro, make_packed_micro])
+def test_the_head_at_completion_positions_equals_gathering_full_logits(make):
+    """completion_logits projects only the positions that predict completion tokens: the same logits
+    and parameter gradients as projecting every position and gathering; the model is left as it was."""
+    model = tiny_model().train()
+    prompts, comps = [[1, 2, 3]] * 3 + [[4, 5]], [[6, 7], [8], [9, 10, 11], [12, 13, 14, 15]]
+    mb = make(prompts, comps, list(range(4)), 0)
+    weights = torch.randn(4, 4, generator=torch.Generator().manual_seed(0))
+    results = []
+    for logits in (lambda: mb.gather(model(**mb.inputs()).logits), lambda: completion_logits(model, mb)):
+        model.zero_grad()
+        sel = logits()
+        (token_logprobs(sel, mb.comp_ids) * mb.comp_mask * weights).sum().backward()
+        results.append((sel.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (want, want_grads), (got, got_grads) = results
+    assert got.shape == want.shape == (4, 4, 50)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+    assert model(**mb.inputs()).logits.shape[:2] == mb.input_ids.shape  # no hook left behind
+
+
 def test_packed_layout_one_row_per_prompt():
     mb = make_packed_micro([[1, 2], [1, 2], [3]], [[5, 6], [7], [8, 9]], rows=[0, 1, 2], pad_id=0)
     assert mb.input_ids.tolist() == [[1, 2, 5, 6, 7], [3, 8, 9, 0, 0]]
