@@ -5,6 +5,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .attention import Segments, segments
+
 
 @dataclass
 class Micro:
@@ -19,17 +21,23 @@ class Micro:
     comp_mask: torch.Tensor   # [B, C] 1 for real completion tokens
     rows: list[int]           # indices into the rank's shard, one per sample
     position_ids: torch.Tensor | None = None  # [R, L] when packed: each completion restarts after its prompt
+    segments: Segments | None = None  # when packed: the completions' spans, for learner/attention.py
 
     def to(self, device) -> "Micro":
         tensors = (self.input_ids, self.attention, self.comp_row, self.comp_index, self.comp_ids, self.comp_mask)
         pos = None if self.position_ids is None else self.position_ids.to(device)
-        return Micro(*(t.to(device) for t in tensors), self.rows, pos)
+        seg = None if self.segments is None else self.segments.to(device)
+        return Micro(*(t.to(device) for t in tensors), self.rows, pos, seg)
 
     def inputs(self) -> dict:
-        """The keyword arguments of the model's forward."""
+        """The keyword arguments of the model's forward. Packed: the dense block mask, which any
+        attention implementation applies, and the spans, with which learner/attention.py skips
+        what the mask would hide."""
         out = {"input_ids": self.input_ids, "attention_mask": self.attention}
         if self.position_ids is not None:
             out["position_ids"] = self.position_ids
+        if self.segments is not None and self.segments.queries.numel():
+            out["gf_segments"] = self.segments
         return out
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
@@ -80,6 +88,7 @@ def make_packed_micro(prompts: list[list[int]], completions: list[list[int]], ro
     segment = torch.full((R, L), -2, dtype=torch.long)  # -1 prompt, j completion j, -2 padding
     comp_row = torch.zeros(len(prompts), dtype=torch.long)
     comp_index = torch.zeros(comp_ids.shape, dtype=torch.long)
+    spans: list[tuple[int, int, int]] = []  # (row, start, length) of each non-empty completion
     for r, (p, members) in enumerate(by_prompt.items()):
         P = len(p)
         input_ids[r, :P] = torch.tensor(p, dtype=torch.long)
@@ -96,12 +105,14 @@ def make_packed_micro(prompts: list[list[int]], completions: list[list[int]], ro
             if n:  # token 0 is predicted by the prompt's last position, token t by the completion's t-1
                 comp_index[i, 0] = P - 1
                 comp_index[i, 1:n] = torch.arange(at, at + n - 1)
+                spans.append((r, at, n))
             at += n
     q, k = segment[:, :, None], segment[:, None, :]
     causal = torch.ones(L, L, dtype=torch.bool).tril()
     # attend: to the prompt, or within one's own completion; causal throughout; padding to itself
     attend = ((k == -1) & (q != -2) | (q == k)) & causal
-    return Micro(input_ids, attend[:, None], comp_row, comp_index, comp_ids, comp_mask, rows, position_ids)
+    return Micro(input_ids, attend[:, None], comp_row, comp_index, comp_ids, comp_mask, rows, position_ids,
+                 segments([len(p) for p in by_prompt], spans, L))
 
 
 def completion_logits(model, micro: Micro, temperature: float = 1.0) -> torch.Tensor:

@@ -6,6 +6,7 @@ import warnings
 
 import torch
 
+from .attention import register
 from .config import LearnerConfig, zero_stage
 
 
@@ -60,7 +61,7 @@ class ValueModel(torch.nn.Module):
         super().__init__()
         from transformers import AutoModel
 
-        self.backbone = AutoModel.from_pretrained(model_path, dtype=torch.float32)
+        self.backbone = AutoModel.from_pretrained(model_path, dtype=torch.float32, attn_implementation=register())
         self.value_head = torch.nn.Linear(self.backbone.config.hidden_size, 1)
         torch.nn.init.zeros_(self.value_head.weight)  # V = 0 at the start: no spurious advantages
         torch.nn.init.zeros_(self.value_head.bias)
@@ -84,12 +85,15 @@ def build_engines(cfg: LearnerConfig, model_path: str, world_size: int, local_ba
             config=ds_config(cfg, world_size, local_batch, train=True, lr=lr))
         return engine
 
-    policy = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    # the shared-prefix layout's attention (plain SDPA for any other input): learner/attention.py
+    attn = register()
+    policy = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, attn_implementation=attn)
     if cfg.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
     engines = {"policy": train_engine(policy, cfg.lr)}
     if with_ref:
-        ref = AutoModelForCausalLM.from_pretrained(ref_path or model_path, dtype=torch.float32).eval()
+        ref = AutoModelForCausalLM.from_pretrained(ref_path or model_path, dtype=torch.float32,
+                                                   attn_implementation=attn).eval()
         ref.requires_grad_(False)
         engines["ref"], *_ = deepspeed.initialize(model=ref, config=ds_config(cfg, world_size, local_batch, train=False))
     if with_critic:

@@ -4,15 +4,16 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from learner.algorithms import entropy_from_logits, token_logprobs
+from learner.attention import register, segments
 from learner.batch import (completion_logits, length_sorted, make_micro, make_packed_micro, prompt_runs,
                            stack_padded)
 
 
-def tiny_model():
+def tiny_model(attn: str = "sdpa"):
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
-    return LlamaForCausalLM(cfg).eval()
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    return LlamaForCausalLM._from_config(cfg, attn_implementation=attn).eval()
 
 
 def test_make_micro_positions():
@@ -63,11 +64,14 @@ def _logprobs_and_grads(model, make, prompts, comps, weights):
     return logp.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
+@pytest.mark.parametrize("attn", ["sdpa", register()])
 @pytest.mark.parametrize("group_sizes", [(1,), (2, 3), (4, 1, 5), (8, 8)])
-def test_shared_prefix_equals_unshared_logprobs_and_gradients(group_sizes):
+def test_shared_prefix_equals_unshared_logprobs_and_gradients(group_sizes, attn):
     """A group's prompt computed once for all its samples gives the logprobs and the parameter
-    gradients of computing it once per sample: ragged prompts and completions, an empty completion."""
-    model = tiny_model().train()
+    gradients of computing it once per sample: ragged prompts and completions, an empty completion.
+    With SDPA the packed rows take the dense block mask; with learner/attention.py's implementation
+    (what the learner loads) the prompt block and each completion's keys, nothing masked computed."""
+    model = tiny_model(attn).train()
     g = torch.Generator().manual_seed(sum(group_sizes))
     prompts, comps = [], []
     for k in group_sizes:
@@ -104,6 +108,18 @@ def test_the_head_at_completion_positions_equals_gathering_full_logits(make):
     for name, grad in want_grads.items():
         torch.testing.assert_close(got_grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)
     assert model(**mb.inputs()).logits.shape[:2] == mb.input_ids.shape  # no hook left behind
+
+
+def test_segments_of_a_packed_row():
+    """Row 0 = prompt [0, 3), completions at 3 (2 tokens) and 5 (1); row 1 = prompt [0, 1), one at 1 (2)."""
+    seg = segments([3, 1], [(0, 3, 2), (0, 5, 1), (1, 1, 2)], length=6)
+    assert seg.prompt_len == 3
+    assert seg.queries.tolist() == [[3, 4], [5, 0], [7, 8]]
+    assert seg.keys.tolist() == [[0, 1, 2, 3, 4], [0, 1, 2, 5, 0], [6, 0, 0, 7, 8]]
+    assert seg.allowed[0, 0].int().tolist() == [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
+    assert seg.allowed[1, 0].int().tolist() == [[1, 1, 1, 1, 0], [1, 0, 0, 0, 0]]  # a padding query: one key
+    assert seg.allowed[2, 0].int().tolist() == [[1, 0, 0, 1, 0], [1, 0, 0, 1, 1]]
+    assert seg.written.tolist() == [3, 4, 5, 7, 8]
 
 
 def test_packed_layout_one_row_per_prompt():
