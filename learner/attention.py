@@ -65,7 +65,8 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
                      gf_segments: Segments | None = None, **kwargs):
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
-    if gf_segments is None:
+    # models with a sliding window, logit soft-capping or attention sinks take the dense mask: exact
+    if gf_segments is None or any(kwargs.get(k) is not None for k in ("sliding_window", "softcap", "s_aux")):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
     groups = getattr(module, "num_key_value_groups", 1)

@@ -67,9 +67,10 @@ class ValueModel(torch.nn.Module):
         torch.nn.init.zeros_(self.value_head.bias)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+                position_ids: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        # kwargs: what Micro.inputs() adds for the attention (the packed layout's spans)
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
-                               position_ids=position_ids).last_hidden_state
+                               position_ids=position_ids, **kwargs).last_hidden_state
         return self.value_head(hidden).squeeze(-1).float()  # [B, L]
 
 

@@ -237,9 +237,7 @@ class RewardPool:
                                          self._submit(role, idx, samples[share])) for role, idx, share in shares],
                                        f"score {n} completions")
         for (role, idx, share), part in zip(shares, parts):
-            if isinstance(part, ray.exceptions.RayTaskError):
-                if role == "worker":  # a bug or a reward that cannot be built: not a per-sample failure
-                    raise part
+            if isinstance(part, ray.exceptions.RayTaskError):  # a reward model's call raised
                 part = {idx: [("raised", str(part.cause)[:500])] * n}
             if role == "model":
                 part = part if isinstance(part, dict) else {idx: [_model_value(v) for v in part]}
@@ -264,16 +262,14 @@ class RewardPool:
                                  for i in range(min(k, n))], f"run {n} environment steps")
         out: list = [None] * n
         for i, part in enumerate(parts):
-            if isinstance(part, ray.exceptions.RayTaskError):
-                raise part
             out[i::k] = part
         return out
 
     def _gather(self, shares: list[tuple[str, object, Callable[[], object]]], what: str) -> tuple[list, int]:
         """Submit each share (role, index, submit) and wait for all within rewards.timeout_s. A share
         whose actor died is run again once, on a replacement; a second death of the same share is an
-        error. Returns each share's result (a RayTaskError if its call raised) in order, and how many
-        actors were replaced."""
+        error, and so is a worker's call that raised. Returns each share's result in order (a reward
+        model's call that raised: its RayTaskError) and how many actors were replaced."""
         pending = {submit(): (j, False) for j, (_, _, submit) in enumerate(shares)}
         results: list = [None] * len(shares)
         replaced = 0
@@ -298,7 +294,9 @@ class RewardPool:
                 replaced += 1
                 pending[submit()] = (j, True)
             except ray.exceptions.RayTaskError as e:
-                results[j] = e
+                if role != "model":  # a bug or a reward that cannot be built: not a per-sample failure
+                    raise
+                results[j] = e  # a reward model's failed call fails its samples (score() says how)
         return results, replaced
 
     def shutdown(self):

@@ -110,6 +110,22 @@ def test_the_head_at_completion_positions_equals_gathering_full_logits(make):
     assert model(**mb.inputs()).logits.shape[:2] == mb.input_ids.shape  # no hook left behind
 
 
+def test_the_critic_takes_the_packed_layout(tmp_path):
+    """PPO's value model reads the same micro-batches (and the packed attention's spans) as the policy:
+    its values at completion positions equal the one-sample-a-row computation."""
+    from learner.models import ValueModel
+    tiny_model().save_pretrained(tmp_path)
+    critic = ValueModel(str(tmp_path))
+    torch.nn.init.normal_(critic.value_head.weight, generator=torch.Generator().manual_seed(1))
+    prompts, comps = [[1, 2, 3]] * 3 + [[4, 5]], [[6, 7], [8], [9, 10, 11], [12, 13, 14, 15]]
+    packed, plain = (make(prompts, comps, list(range(4)), 0) for make in (make_packed_micro, make_micro))
+    assert "gf_segments" in packed.inputs()
+    with torch.no_grad():
+        got, want = (mb.gather(critic(**mb.inputs())) * mb.comp_mask for mb in (packed, plain))
+    assert got.abs().sum() > 0
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 def test_segments_of_a_packed_row():
     """Row 0 = prompt [0, 3), completions at 3 (2 tokens) and 5 (1); row 1 = prompt [0, 1), one at 1 (2)."""
     seg = segments([3, 1], [(0, 3, 2), (0, 5, 1), (1, 1, 2)], length=6)
