@@ -64,14 +64,12 @@ class EngineGroup:
         gen = Generation(rows, n, greedy, first_group, seed)
         for i, (a, b) in enumerate(split(len(rows), len(self.actors))):
             if b > a:
-                self._submit_share(gen, i, a, b)
+                gen.pending[self._submit_share(gen, i, a, b)] = (i, a, b)
         return gen
 
     def _submit_share(self, gen: "Generation", i: int, a: int, b: int):
-        ref = self.actors[i].generate.remote(gen.rows[a:b], list(range(gen.first_group + a, gen.first_group + b)),
-                                             gen.n, gen.greedy, None if gen.seed is None else gen.seed + gen.first_group + a)
-        gen.pending[ref] = (i, a, b)
-        return ref
+        return self.actors[i].generate.remote(gen.rows[a:b], list(range(gen.first_group + a, gen.first_group + b)),
+                                              gen.n, gen.greedy, None if gen.seed is None else gen.seed + gen.first_group + a)
 
     def collect(self, gen: "Generation", timeout_s: float) -> pa.Table:
         """Wait for a submitted generation; a share whose engine died is redone on its replacement."""
