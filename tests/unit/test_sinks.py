@@ -64,9 +64,10 @@ def wandb_history(run_dir) -> list[dict]:
             pos += 32768 - pos % 32768
             continue
         _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if kind == 0:  # zero padding (a block the writer closed early): records go on at the next block
+            pos += 32768 - pos % 32768
+            continue
         chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
-        if kind == 0:
-            break
         buf = chunk if kind in (1, 2) else buf + chunk
         if kind in (1, 4):
             record = pb.Record()
