@@ -50,7 +50,7 @@ class LearnerActor:
     def setup(self, master_addr: str, master_port: int, mode: str = "rl", ranks_on_node: int = 1) -> int:
         """Join the ranks' process group and build the DeepSpeed engines (collective).
 
-        mode "rl": policy + reference (+ critic for ppo); "sft": the policy alone. On a CPU the ranks
+        mode "rl": policy + reference where read (+ critic for ppo); "sft": the policy alone. On a CPU the ranks
         sharing this node share its cores (`learner.threads` overrides). LOCAL_RANK stays 0: Ray shows
         each rank its own GPU as cuda:0.
         """
@@ -75,8 +75,10 @@ class LearnerActor:
         tok = AutoTokenizer.from_pretrained(self.model_path)
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         start = time.monotonic()
+        rl_mode = mode == "rl"
         self.engines = build_engines(cfg, self.model_path, self.world_size, self.local_batch,
-                                     with_ref=mode == "rl", with_critic=mode == "rl" and self.algo.name == "ppo",
+                                     with_ref=rl_mode and self.algo.uses_reference,
+                                     with_critic=rl_mode and self.algo.uses_critic,
                                      critic_lr=self.algo.ppo.critic_lr, ref_path=self.ref_path)
         self.engine = self.engines["policy"]
         self._transport = None
@@ -115,7 +117,7 @@ class LearnerActor:
         try:
             metrics = rl.train(self.engines, shard, prep, self.algo, self.cfg.epochs, self.cfg.minibatches,
                                self.temperature, self.micro, self.pad_id, self.max_new_tokens, self.device,
-                               self.cfg.shared_prefix)
+                               self.cfg.shared_prefix, self.cfg.skip_zero_advantage)
         finally:
             self._busy.set(0)
         self.version += 1

@@ -31,6 +31,10 @@ class LearnerConfig(BaseModel):
     reuse_policy_logprobs: bool = Field(
         True, description="no pi_old pass for the first minibatch of the first epoch, where the ratio is 1 by "
         "construction: pi_old is the update's own forward, detached (not with kl_in=reward or ppo)")
+    skip_zero_advantage: bool = Field(
+        True, description="the update does not compute samples whose advantages are all zero where they add "
+        "nothing to the gradient (beta = 0 or the KL not in the loss, no entropy bonus, not ppo; one epoch); "
+        "exact: every sample still counts in the loss normalization")
     cpus_per_rank: float = Field(1.0, gt=0, description="Ray CPUs reserved per rank")
     threads: int = Field(0, ge=0, description="CPU: torch threads per rank (0: cores / ranks)")
 
@@ -127,6 +131,12 @@ class AlgorithmConfig(BaseModel):
     @property
     def baseline(self) -> str:
         return self.advantage or DEFAULT_ADVANTAGE[self.name]
+
+    @property
+    def uses_reference(self) -> bool:
+        """Whether anything reads pi_ref: the KL in the loss or the reward, or the logged divergences.
+        Without, the learner builds no reference model and runs no pass of it."""
+        return (self.beta > 0 and self.kl_place != "none") or self.log_divergences
 
     @property
     def kl_place(self) -> str:

@@ -82,23 +82,26 @@ def minibatch_orders(shard: dict, epochs: int, minibatches: int) -> list[list[li
 @torch.no_grad()
 def _record(prep: Prepared, shard: dict, algo: AlgorithmConfig, mb: Micro, sel: torch.Tensor, old: torch.Tensor,
             ref_sel: torch.Tensor, ref: torch.Tensor, values: torch.Tensor | None) -> None:
-    """A micro-batch's pi_old, pi_ref (and old values) per row, and its share of the logged statistics."""
+    """A micro-batch's pi_old, pi_ref (and old values) per row, and its share of the logged statistics.
+    `ref_sel` and `ref` are None where nothing reads pi_ref (no reference model)."""
     w = float(mb.comp_mask.sum())
     prep.tokens += w
-    for name, estimator in KL_ESTIMATORS.items():  # every sampled estimator, whichever is in the loss
+    for name, estimator in KL_ESTIMATORS.items() if ref is not None else ():  # every sampled estimator
         prep.sums[f"kl_{name}"] += float(masked_mean(estimator(old, ref), mb.comp_mask)) * w
     # padding is often half of [B, C], and a subset of the real tokens estimates the mean well
     pick = sampled(mb.comp_mask, prep.stride)
     if pick.any():
-        sel, ref_sel = sel[pick][None], ref_sel[pick][None]
+        sel = sel[pick][None]
         ones = torch.ones(sel.shape[:2], device=sel.device)
         prep.sums["entropy"] += float(masked_mean(entropy_from_logits(sel), ones)) * w
         if algo.log_divergences:
-            for k, v in exact_divergences(sel, ref_sel, ones, algo.divergence_chunk).items():
+            for k, v in exact_divergences(sel, ref_sel[pick][None], ones, algo.divergence_chunk).items():
                 prep.sums[k] += float(v) * w
     for j, i in enumerate(mb.rows):
         c = len(shard["completion_token_ids"][i])
-        prep.old[i], prep.ref[i] = old[j, :c].float(), ref[j, :c].float()
+        prep.old[i] = old[j, :c].float()
+        if ref is not None:
+            prep.ref[i] = ref[j, :c].float()
         if values is not None:
             prep.values[i] = values[j, :c].float()
 
@@ -111,17 +114,56 @@ def global_sum(values: list[float], device) -> list[float]:
     return t.tolist()
 
 
-def accumulation_denom(local_units: float, micros: int, device) -> float:
+def global_max(value: int, device) -> int:
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def accumulation_denom(local_units: float, accumulation_steps: int, device) -> float:
     """What each micro-batch's loss divides by so one optimizer step equals one pass over the whole
-    minibatch: DeepSpeed averages the micro losses over the accumulation steps and the ranks, so
-    each divides by the minibatch's global unit count / (micros x ranks)."""
+    minibatch: DeepSpeed divides each micro loss by its configured accumulation steps and averages
+    over the ranks, so each divides by the minibatch's global unit count / (steps x ranks), however
+    many micro-batches actually run."""
     world = dist.get_world_size() if dist.is_initialized() else 1
-    return max(global_sum([local_units], device)[0], 1.0) / (micros * world)
+    return max(global_sum([local_units], device)[0], 1.0) / (accumulation_steps * world)
+
+
+def skips_zero_advantage(algo: AlgorithmConfig) -> bool:
+    """Whether a sample whose advantages are all zero adds nothing to the update's gradient: its
+    policy-gradient term is ratio x 0 (clipped, dual-clipped or importance-weighted alike). Not when
+    the loss holds a per-sample term beside it (the KL to pi_ref with beta > 0, an entropy bonus) or
+    a critic trains on it."""
+    return not algo.uses_critic and not algo.entropy_coef and (algo.kl_place != "loss" or algo.beta == 0)
+
+
+def _zero_advantage(shard: dict, i: int) -> bool:
+    if "advantage_tokens" in shard:
+        return not any(shard["advantage_tokens"][i])
+    return shard["advantage"][i] == 0
+
+
+def update_rows(shard: dict, rows: list[int], size: int, device) -> list[int]:
+    """The rows of a minibatch whose update is computed: those with a nonzero advantage (a group whose
+    rewards are all equal has none). Zero-advantage rows, shortest first, fill in only where needed:
+    one micro-batch at least (the optimizer still steps, with Adam's momentum, as unskipped) and as
+    many micro-batches as the busiest rank (ZeRO's collectives run per forward and backward). Every
+    rank calls this for every minibatch, in the same order."""
+    active = [i for i in rows if not _zero_advantage(shard, i)]
+    need = global_max(max(1, -(-len(active) // size)), device)
+    zero = sorted((i for i in rows if _zero_advantage(shard, i)), key=lambda i: len(shard["completion_token_ids"][i]))
+    keep = set(active) | set(zero[: max(0, (need - 1) * size + 1 - len(active))])
+    return [i for i in rows if i in keep]
 
 
 def _mask(mb: Micro, prep: Prepared) -> torch.Tensor:
     keep = torch.tensor([prep.keep[i] for i in mb.rows], device=mb.comp_mask.device)
     return mb.comp_mask * keep[:, None]
+
+
+def _logprobs_or_none(sel: torch.Tensor | None, mb: Micro) -> torch.Tensor | None:
+    return None if sel is None else token_logprobs(sel, mb.comp_ids)
 
 
 @torch.no_grad()
@@ -140,13 +182,13 @@ def prepare(engines: dict, shard: dict, algo: AlgorithmConfig, temperature: floa
     skip = set(skip)
     for mb in micros(shard, [i for i in range(n) if i not in skip], size, pad_id, device, shared_prefix):
         sel = completion_logits(engines["policy"], mb, temperature)
-        ref_sel = completion_logits(engines["ref"], mb, temperature)
+        ref_sel = completion_logits(engines["ref"], mb, temperature) if "ref" in engines else None
         values = mb.gather(engines["critic"](**mb.inputs())) if "critic" in engines else None
         _record(prep, shard, algo, mb, sel, token_logprobs(sel, mb.comp_ids), ref_sel,
-                token_logprobs(ref_sel, mb.comp_ids), values)
+                _logprobs_or_none(ref_sel, mb), values)
         del sel, ref_sel
     estimator = KL_ESTIMATORS[algo.kl_estimator]
-    kl_sums = [float((estimator(prep.old[i], prep.ref[i]) * prep.mask[i]).sum()) if i in prep.old else 0.0
+    kl_sums = [float((estimator(prep.old[i], prep.ref[i]) * prep.mask[i]).sum()) if i in prep.ref else 0.0
                for i in range(n)]
     return prep, kl_sums
 
@@ -156,7 +198,8 @@ def ppo_advantages(prep: Prepared, shard: dict, algo: AlgorithmConfig, device) -
     rows = list(range(len(shard["reward"])))
     width = max(1, max(prep.old[i].numel() for i in rows))
     mask = stack_padded([prep.mask[i] * prep.keep[i] for i in rows], width)
-    kl = stack_padded([KL_ESTIMATORS[algo.kl_estimator](prep.old[i], prep.ref[i]) for i in rows], width)
+    kl = stack_padded([KL_ESTIMATORS[algo.kl_estimator](prep.old[i], prep.ref[i]) if i in prep.ref
+                       else torch.zeros_like(prep.old[i]) for i in rows], width)
     beta = algo.beta if algo.kl_place == "reward" else 0.0
     outcome = torch.tensor(shard["reward"], dtype=torch.float32, device=device)
     token_rewards = kl_shaped_rewards(outcome, kl, mask, beta)
@@ -177,36 +220,49 @@ def _advantages(mb: Micro, shard: dict, token_adv: dict | None, C: int, device) 
 
 
 def train(engines: dict, shard: dict, prep: Prepared, algo: AlgorithmConfig, epochs: int, minibatches: int,
-          temperature: float, size: int, pad_id: int, norm_len: int, device, shared_prefix: bool = True) -> dict:
-    """epochs x minibatches optimizer steps of the clipped objective (and the critic for ppo)."""
+          temperature: float, size: int, pad_id: int, norm_len: int, device, shared_prefix: bool = True,
+          skip_zero_advantage: bool = True) -> dict:
+    """epochs x minibatches optimizer steps of the clipped objective (and the critic for ppo); rows
+    that add nothing to the gradient are not computed (`update_rows`)."""
     policy, ref, critic = engines["policy"], engines.get("ref"), engines.get("critic")
     token_adv = returns = None
     if algo.uses_critic:
         token_adv, returns = ppo_advantages(prep, shard, algo, device)
     beta = algo.beta if algo.kl_place == "loss" else 0.0
     sums: dict[str, float] = defaultdict(float)
-    count, ent_sum, ent_n = 0, 0.0, 0
+    count, ent_sum, ent_n, skipped, slots = 0, 0.0, 0, 0, 0
     for engine in (policy, critic):
         if engine is not None:
             engine.train()
+    # one epoch: a row skipped in the first minibatch (whose pi_old the update computes) is never needed again
+    skip = skip_zero_advantage and skips_zero_advantage(algo) and epochs == 1
     for epoch in minibatch_orders(shard, epochs, minibatches):
         for rows in epoch:
-            batch = micros(shard, rows, size, pad_id, device, shared_prefix)
-            denom = accumulation_denom(sum(aggregation_units(algo.aggregation, _mask(mb, prep)) for mb in batch),
-                                       len(batch), device)
-            for mb in batch:
+            computed = update_rows(shard, rows, size, device) if skip else rows
+            batch = micros(shard, computed, size, pad_id, device, shared_prefix)
+            skipped += len(rows) - len(computed)
+            # every row counts in the normalization, computed or not: the gradient is unchanged
+            units = aggregation_units(algo.aggregation, stack_padded(
+                [prep.mask[i] * prep.keep[i] for i in rows], max(1, max(prep.mask[i].numel() for i in rows))))
+            denom = accumulation_denom(units, policy.gradient_accumulation_steps(), device)
+            slots += policy.gradient_accumulation_steps()
+            for k, mb in enumerate(batch):
+                for engine in (policy, critic):  # the optimizer steps after this minibatch's last micro-batch
+                    if engine is not None:
+                        engine.set_gradient_accumulation_boundary(k == len(batch) - 1)
                 C = mb.comp_ids.size(1)
                 mask = _mask(mb, prep)
                 sel = completion_logits(policy, mb, temperature)
                 logp = token_logprobs(sel, mb.comp_ids)
                 ref_sel = None
                 if mb.rows[0] not in prep.old:  # not scored up front: pi_old is this very forward
-                    with torch.no_grad():
-                        ref_sel = completion_logits(ref, mb, temperature)
+                    if ref is not None:
+                        with torch.no_grad():
+                            ref_sel = completion_logits(ref, mb, temperature)
                     _record(prep, shard, algo, mb, sel.detach(), logp.detach(), ref_sel,
-                            token_logprobs(ref_sel, mb.comp_ids), None)
+                            _logprobs_or_none(ref_sel, mb), None)
                 old_lp = stack_padded([prep.old[i] for i in mb.rows], C)
-                ref_lp = stack_padded([prep.ref[i] for i in mb.rows], C)
+                ref_lp = stack_padded([prep.ref[i] for i in mb.rows], C) if ref is not None else None
                 pick = sampled(mask, prep.stride)
                 ent = entropy(sel) if algo.entropy_coef else None
                 div = None
@@ -245,7 +301,9 @@ def train(engines: dict, shard: dict, prep: Prepared, algo: AlgorithmConfig, epo
                     for key, val in vstats.items():
                         sums[key] += float(val)
                 count += 1
-    return {**{k: v / max(1, count) for k, v in sums.items()}, "entropy": ent_sum / max(1, ent_n),
+    loss = sums.pop("loss", 0.0) / max(1, slots)  # per accumulation slot: a skipped micro-batch's loss is 0
+    return {**{k: v / max(1, count) for k, v in sums.items()}, "loss": loss, "entropy": ent_sum / max(1, ent_n),
+            "update_skipped_fraction": skipped / max(1, len(shard["completion_token_ids"]) * epochs),
             "scored": prep.stats()}
 
 
@@ -260,8 +318,9 @@ def sft_train(policy, shard: dict, minibatches: int, size: int, pad_id: int, dev
         batch = micros(shard, list(range(k * per_mb, (k + 1) * per_mb)), size, pad_id, device, shared_prefix)
         # every response token of the minibatch weighs the same
         denom = accumulation_denom(sum(aggregation_units("token-mean", mb.comp_mask) for mb in batch),
-                                   len(batch), device)
-        for mb in batch:
+                                   policy.gradient_accumulation_steps(), device)
+        for k, mb in enumerate(batch):
+            policy.set_gradient_accumulation_boundary(k == len(batch) - 1)
             logp = token_logprobs(completion_logits(policy, mb), mb.comp_ids)
             loss = AGGREGATIONS["token-mean"](-logp, mb.comp_mask, 0, denom)
             policy.backward(loss)

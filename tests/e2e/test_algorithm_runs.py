@@ -15,7 +15,8 @@ FAST = ["trainer.steps=2", "trainer.eval=false", "trainer.checkpoint_every=0", "
 # Each algorithm.name once; process supervision and the GRPO-family options ride along (a run costs
 # a minute of Ray, vLLM and DeepSpeed start-up, so options share runs rather than get one each).
 RUNS = {
-    "dr_grpo+process": ["algorithm.name=dr_grpo", "algorithm.supervision=process",
+    # beta=0: samples whose per-token advantages are all zero are not computed by the update
+    "dr_grpo+process": ["algorithm.name=dr_grpo", "algorithm.supervision=process", "algorithm.beta=0",
                         "rewards.components=[{name: python, options: {function: deploy/rewards/steps.py:line_steps}}]"],
     "rloo+variants+async": ["trainer.mode=async", "algorithm.name=rloo", "algorithm.kl_estimator=k2", "algorithm.clip_eps_high=0.28",
                       "algorithm.ratio_level=sequence", "algorithm.clip_eps=0.001", "algorithm.dual_clip=3.0",
@@ -44,6 +45,8 @@ def test_short_run_per_algorithm(name, tmp_path):
     if name.startswith("ppo"):  # the critic's DeepSpeed states are in the checkpoint next to the policy's
         assert "value_loss" in rows[0]
         assert (run_dir / "checkpoints" / "final" / "deepspeed" / "critic").is_dir()
+    # the untrained model's groups mostly score alike: skipped where that adds no gradient (beta=0), else not
+    assert (rows[0]["update_skipped_fraction"] > 0) == ("algorithm.beta=0" in RUNS[name])
     if name.startswith("rloo"):
         assert "tis_weight_mean" in rows[0] and "pruned_groups" in rows[0]
     assert (run_dir / "checkpoints" / "final" / "trainer_state.json").is_file()
