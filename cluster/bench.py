@@ -97,7 +97,9 @@ def async_report(cfg: Config, run_dir: Path) -> dict:
 
 def synthetic_batch(cfg: Config, vocab: int, seed: int, ragged: bool = False):
     """A rollout-shaped table of random tokens and 0/1 rewards: the learner's input without engines.
-    ragged: prompts of 32-64 tokens and completions of C/4..C tokens, as real batches have."""
+    ragged: prompts of 32-64 tokens and completions of C/4..C tokens, as real batches have. Prompts
+    of mixed difficulty: every fourth group fails all its samples (a prompt beyond the policy), the
+    others succeed at a rate uniform in [0, 1]."""
     import pyarrow as pa
     import torch
 
@@ -110,13 +112,15 @@ def synthetic_batch(cfg: Config, vocab: int, seed: int, ragged: bool = False):
 
     prompts = [torch.randint(0, vocab, (length(32, 64) if ragged else 48,), generator=g).tolist() for _ in range(P)]
     comps = [torch.randint(0, vocab, (length(max(1, C // 4), C),), generator=g).tolist() for _ in range(n)]
+    rates = torch.rand(P, generator=g)
+    rates[::4] = 0.0
     return pa.table({
         "group_id": pa.array([i // G for i in range(n)], pa.int32()),
         "prompt_token_ids": [prompts[i // G] for i in range(n)],
         "completion_token_ids": comps,
         "logprobs": [[0.0] * len(c) for c in comps],
         "finish_reason": ["stop"] * n,
-        "reward": pa.array(torch.randint(0, 2, (n,), generator=g).float().tolist(), pa.float32()),
+        "reward": pa.array((torch.rand(n, generator=g) < rates.repeat_interleave(G)).float().tolist(), pa.float32()),
     })
 
 

@@ -10,18 +10,30 @@ from pathlib import Path
 from .bench import machine_info, synthetic_batch
 from .config import Config
 
-# name -> learner / algorithm overrides; the first is the baseline every ratio divides by
-OFF = {"shared_prefix": False, "reuse_policy_logprobs": False}
-ON = {"shared_prefix": True, "reuse_policy_logprobs": True}
+# name -> learner / algorithm overrides, and ("vs") the variant its step-1 metrics must equal (the
+# baseline by default: the first, which every speedup divides by)
+OFF = {"shared_prefix": False, "reuse_policy_logprobs": False, "skip_zero_advantage": False}
+ON = {"shared_prefix": True, "reuse_policy_logprobs": True, "skip_zero_advantage": False}
 VARIANTS = {
     "baseline": {"learner": OFF, "algorithm": {"log_divergences": True}},
     "shared_prefix": {"learner": {**OFF, "shared_prefix": True}, "algorithm": {"log_divergences": True}},
     "reuse_policy_logprobs": {"learner": {**OFF, "reuse_policy_logprobs": True}, "algorithm": {"log_divergences": True}},
     "both (default)": {"learner": ON, "algorithm": {"log_divergences": True}},
-    "both, no divergence log": {"learner": ON, "algorithm": {"log_divergences": False}},
+    "both - divergence log": {"learner": ON, "algorithm": {"log_divergences": False}},
+    # beta = 0: zero-advantage samples then add no gradient, and the update may skip them
+    "both + beta=0": {"learner": ON, "algorithm": {"log_divergences": True, "beta": 0.0}, "same": ()},
+    # compared on what the gradient gives: the update's statistics are over the samples it computes
+    "both + beta=0 + skip zero-advantage": {"learner": {**ON, "skip_zero_advantage": True},
+                                            "algorithm": {"log_divergences": True, "beta": 0.0},
+                                            "vs": "both + beta=0", "same": ("loss", "grad_norm")},
+    # nothing reads pi_ref then: no reference model, no pass of it
+    "both + beta=0 + skip zero-advantage + no pi_ref": {"learner": {**ON, "skip_zero_advantage": True},
+                                                        "algorithm": {"log_divergences": False, "beta": 0.0},
+                                                        "vs": "both + beta=0", "same": ("loss", "grad_norm")},
 }
 # step-1 metrics that must not depend on how the work is laid out
-COMPARED = ("loss", "kl", "clip_fraction", "ratio_mean", "entropy", "kl_k3", "entropy_pre", "grad_norm")
+COMPARED = ("loss", "kl", "clip_fraction", "ratio_mean", "entropy", "kl_k3", "entropy_pre", "grad_norm",
+            "update_skipped_fraction")
 
 
 def matmul_flops(dtype: str, threads: int, seconds: float = 2.0) -> float:
@@ -77,7 +89,7 @@ def learner_report(cfg: Config, run_dir: Path, steps: int = 2, variants: list[st
         algo = AlgorithmConfig.model_validate({**cfg.algorithm.model_dump(), **over["algorithm"]})
         group = LearnerGroup(lc, algo, model_path, cfg.local_batch, cfg.engines.temperature,
                              cfg.engines.max_new_tokens, [{}] * R, cfg.run.timeout_s)
-        times, first = {"prepare": [], "update": []}, {}
+        times, first, skipped = {"prepare": [], "update": []}, {}, []
         try:
             for step, batch in enumerate(batches, start=1):
                 t0 = time.monotonic()
@@ -91,6 +103,7 @@ def learner_report(cfg: Config, run_dir: Path, steps: int = 2, variants: list[st
                 else:
                     times["prepare"].append(t1 - t0)
                     times["update"].append(t2 - t1)
+                    skipped.append(stats.get("update_skipped_fraction", 0.0))
         finally:
             group.shutdown()
         timed = max(1, len(times["prepare"]))
@@ -99,12 +112,16 @@ def learner_report(cfg: Config, run_dir: Path, steps: int = 2, variants: list[st
             "update_tokens_per_s": tokens * timed / max(sum(times["update"]), 1e-9),
             "learner_tokens_per_s": tokens * timed / max(sum(times["prepare"]) + sum(times["update"]), 1e-9),
             "step1_metrics": first,
+            "update_skipped_fraction": sum(skipped) / max(1, len(skipped)),  # of the timed steps
         }
     base = results[names[0]]  # ratios against the first variant run (the baseline by default)
     for name, r in results.items():
         r["speedup"] = r["learner_tokens_per_s"] / base["learner_tokens_per_s"]
-        r["step1_max_abs_diff_vs_baseline"] = max(
-            (abs(r["step1_metrics"][k] - base["step1_metrics"][k]) for k in base["step1_metrics"]), default=0.0)
+        same = results.get(VARIANTS[name].get("vs", names[0]), base)
+        r["step1_same_as"] = next(k for k, v in results.items() if v is same)
+        keys = VARIANTS[name].get("same", same["step1_metrics"])
+        r["step1_max_abs_diff"] = max((abs(r["step1_metrics"][k] - same["step1_metrics"][k]) for k in keys),
+                                      default=None)  # None: another objective, nothing to compare
     # Achieved FLOP/s of the baseline (every token computed): a forward is ~2 x params FLOP per token,
     # the prepare pass runs two (pi_old, pi_ref), the update a forward and a backward (~3 forwards).
     params = _param_count(model_cfg)

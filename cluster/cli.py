@@ -259,11 +259,12 @@ def _async_table(report: dict) -> str:
 
 
 def _learner_table(report: dict) -> str:
-    lines = [f"{'variant':34} {'prepare tok/s':>13} {'update tok/s':>12} {'learner tok/s':>13} {'speedup':>7} "
-             f"{'step-1 diff':>11}"]
+    lines = [f"{'variant':48} {'prepare tok/s':>13} {'update tok/s':>12} {'learner tok/s':>13} {'speedup':>7} "
+             f"{'skipped':>7} {'step-1 diff':>11}"]
     for name, r in report["variants"].items():
-        lines.append(f"{name:34} {r['prepare_tokens_per_s']:13.0f} {r['update_tokens_per_s']:12.0f} "
-                     f"{r['learner_tokens_per_s']:13.0f} {r['speedup']:7.2f} {r['step1_max_abs_diff_vs_baseline']:11.2e}")
+        lines.append(f"{name:48} {r['prepare_tokens_per_s']:13.0f} {r['update_tokens_per_s']:12.0f} "
+                     f"{r['learner_tokens_per_s']:13.0f} {r['speedup']:7.2f} {r['update_skipped_fraction']:7.2f} "
+                     + (f"{r['step1_max_abs_diff']:11.2e}" if r["step1_max_abs_diff"] is not None else f"{'-':>11}"))
     f = report["baseline_fraction_of_matmul"]
     if f:
         lines.append(f"baseline FLOP/s as a fraction of a {report['learner']['dtype']} matmul "
