@@ -117,9 +117,12 @@ def learner_report(cfg: Config, run_dir: Path, steps: int = 2, variants: list[st
     base = results[names[0]]  # ratios against the first variant run (the baseline by default)
     for name, r in results.items():
         r["speedup"] = r["learner_tokens_per_s"] / base["learner_tokens_per_s"]
-        same = results.get(VARIANTS[name].get("vs", names[0]), base)
-        r["step1_same_as"] = next(k for k, v in results.items() if v is same)
-        keys = VARIANTS[name].get("same", same["step1_metrics"])
+        vs = VARIANTS[name].get("vs", names[0])
+        if vs not in results:
+            raise ValueError(f"variant {name!r} is checked against {vs!r}: run both (--variants)")
+        same = results[vs]
+        r["step1_same_as"] = vs
+        keys = [k for k in VARIANTS[name].get("same", same["step1_metrics"]) if k in r["step1_metrics"]]
         r["step1_max_abs_diff"] = max((abs(r["step1_metrics"][k] - same["step1_metrics"][k]) for k in keys),
                                       default=None)  # None: another objective, nothing to compare
     # Achieved FLOP/s of the baseline (every token computed): a forward is ~2 x params FLOP per token,

@@ -1,5 +1,5 @@
-"""LearnerActor: one DeepSpeed rank (ZeRO-3 by default) of the policy, its frozen reference and, for
-PPO, its value model. Every method is collective: the driver calls it on all ranks at once
+"""LearnerActor: one DeepSpeed rank (ZeRO-3 with several ranks) of the policy, its frozen reference (where
+read) and, for PPO, its value model. Every method is collective: the driver calls it on all ranks at once
 (LearnerGroup does that). The work itself is in rl.py; this class holds state between calls.
 """
 from __future__ import annotations

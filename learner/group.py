@@ -46,9 +46,10 @@ def _rank_mean(results: list[dict]) -> dict:
 
 
 def _token_mean(stats: list[dict]) -> dict:
-    tokens = sum(s["tokens"] for s in stats)
-    keys = [k for k in stats[0] if k not in ("tokens", "logprob_abs_diff_sum", "logprob_tokens")]
-    merged = {k: sum(s[k] * s["tokens"] for s in stats) / max(tokens, 1.0) for k in keys}
+    # a rank may lack a statistic (no token of its sample picked): the ranks that have it weigh in
+    keys = {k for s in stats for k in s} - {"tokens", "logprob_abs_diff_sum", "logprob_tokens"}
+    merged = {k: sum(s[k] * s["tokens"] for s in stats if k in s) / max(sum(s["tokens"] for s in stats if k in s), 1.0)
+              for k in sorted(keys)}
     diff_n = sum(s["logprob_tokens"] for s in stats)
     merged["logprob_abs_diff_mean"] = sum(s["logprob_abs_diff_sum"] for s in stats) / max(1, diff_n)
     return merged

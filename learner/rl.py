@@ -319,8 +319,8 @@ def sft_train(policy, shard: dict, minibatches: int, size: int, pad_id: int, dev
         # every response token of the minibatch weighs the same
         denom = accumulation_denom(sum(aggregation_units("token-mean", mb.comp_mask) for mb in batch),
                                    policy.gradient_accumulation_steps(), device)
-        for k, mb in enumerate(batch):
-            policy.set_gradient_accumulation_boundary(k == len(batch) - 1)
+        for j, mb in enumerate(batch):
+            policy.set_gradient_accumulation_boundary(j == len(batch) - 1)
             logp = token_logprobs(completion_logits(policy, mb), mb.comp_ids)
             loss = AGGREGATIONS["token-mean"](-logp, mb.comp_mask, 0, denom)
             policy.backward(loss)
