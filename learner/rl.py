@@ -32,6 +32,10 @@ class Prepared:
     tokens: float = 0.0
     stride: int = 1  # every stride-th completion token enters the full-vocabulary statistics
 
+    def row_mask(self, rows: list[int], width: int) -> torch.Tensor:
+        """[len(rows), width]: each row's loss mask, zero where overlong masking drops the sample."""
+        return stack_padded([self.mask[i] * self.keep[i] for i in rows], width)
+
     def stats(self) -> dict:
         """The logged statistics of every row scored: divergences and entropy before the update,
         and the engine-vs-learner logprob difference (evidence the engines hold our weights)."""
@@ -106,19 +110,12 @@ def _record(prep: Prepared, shard: dict, algo: AlgorithmConfig, mb: Micro, sel: 
             prep.values[i] = values[j, :c].float()
 
 
-def global_sum(values: list[float], device) -> list[float]:
-    """Sum over the learner ranks (DeepSpeed's default group); the values themselves with one rank."""
+def global_sum(values: list[float], device, op=dist.ReduceOp.SUM) -> list[float]:
+    """Sum (or `op`) over the learner ranks (DeepSpeed's default group); the values themselves with one rank."""
     t = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
+        dist.all_reduce(t, op=op)
     return t.tolist()
-
-
-def global_max(value: int, device) -> int:
-    t = torch.tensor([value], dtype=torch.int64, device=device)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
 
 
 def accumulation_denom(local_units: float, accumulation_steps: int, device) -> float:
@@ -150,10 +147,11 @@ def update_rows(shard: dict, rows: list[int], size: int, device) -> list[int]:
     one micro-batch at least (the optimizer still steps, with Adam's momentum, as unskipped) and as
     many micro-batches as the busiest rank (ZeRO's collectives run per forward and backward). Every
     rank calls this for every minibatch, in the same order."""
-    active = [i for i in rows if not _zero_advantage(shard, i)]
-    need = global_max(max(1, -(-len(active) // size)), device)
-    zero = sorted((i for i in rows if _zero_advantage(shard, i)), key=lambda i: len(shard["completion_token_ids"][i]))
-    keep = set(active) | set(zero[: max(0, (need - 1) * size + 1 - len(active))])
+    zero = [i for i in rows if _zero_advantage(shard, i)]
+    active = len(rows) - len(zero)
+    need = int(global_sum([max(1, -(-active // size))], device, dist.ReduceOp.MAX)[0])
+    zero.sort(key=lambda i: len(shard["completion_token_ids"][i]))
+    keep = set(rows) - set(zero[max(0, (need - 1) * size + 1 - active):])
     return [i for i in rows if i in keep]
 
 
@@ -197,7 +195,7 @@ def ppo_advantages(prep: Prepared, shard: dict, algo: AlgorithmConfig, device) -
     """GAE over per-token rewards: the outcome at the last token, minus beta * KL per token if kl_in=reward."""
     rows = list(range(len(shard["reward"])))
     width = max(1, max(prep.old[i].numel() for i in rows))
-    mask = stack_padded([prep.mask[i] * prep.keep[i] for i in rows], width)
+    mask = prep.row_mask(rows, width)
     kl = stack_padded([KL_ESTIMATORS[algo.kl_estimator](prep.old[i], prep.ref[i]) if i in prep.ref
                        else torch.zeros_like(prep.old[i]) for i in rows], width)
     beta = algo.beta if algo.kl_place == "reward" else 0.0
@@ -242,8 +240,8 @@ def train(engines: dict, shard: dict, prep: Prepared, algo: AlgorithmConfig, epo
             batch = micros(shard, computed, size, pad_id, device, shared_prefix)
             skipped += len(rows) - len(computed)
             # every row counts in the normalization, computed or not: the gradient is unchanged
-            units = aggregation_units(algo.aggregation, stack_padded(
-                [prep.mask[i] * prep.keep[i] for i in rows], max(1, max(prep.mask[i].numel() for i in rows))))
+            units = aggregation_units(algo.aggregation,
+                                      prep.row_mask(rows, max(1, max(prep.mask[i].numel() for i in rows))))
             denom = accumulation_denom(units, policy.gradient_accumulation_steps(), device)
             slots += policy.gradient_accumulation_steps()
             for k, mb in enumerate(batch):
