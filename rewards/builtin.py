@@ -160,6 +160,18 @@ def normalize_output(text: str) -> list[str]:
     return [" ".join(line.split()) for line in text.strip().splitlines()]
 
 
+def check_sandbox(limits: SandboxLimits, who: str) -> None:
+    """Runs a trivial program in the sandbox once, when a scorer or tool is built (at start, in each
+    scoring process): a sandbox that cannot work here (not root, no namespaces, limits too tight for
+    the interpreter) stops the run with its reason instead of failing every sample. Isolation that is
+    impossible raises run_sandboxed's SandboxUnavailableError as is."""
+    probe = run_sandboxed("print(6 * 7)", "", dataclasses.replace(limits, wall_s=max(limits.wall_s, 10.0)))
+    if not (probe.ok and probe.stdout.strip() == "42"):
+        why = ("timed out" if probe.timed_out else f"killed by signal {probe.killed_by_signal}"
+               if probe.killed_by_signal is not None else f"exit {probe.returncode}")
+        raise RuntimeError(f"{who}: the sandbox cannot run a trivial program with these limits ({limits}): "
+                           f"{why}, stdout {probe.stdout[-200:]!r}, stderr {probe.stderr[-500:]!r}")
+
 class CodeReward:
     """Runs the completion's program in the sandbox on each test's stdin; the reward is the fraction
     of tests whose stdout matches (or 1/0 with all_or_nothing). Options: all_or_nothing, total_s (all
@@ -174,12 +186,7 @@ class CodeReward:
         if opts.get("ro_binds") is not None:
             opts["ro_binds"] = tuple(opts["ro_binds"])
         self.limits = SandboxLimits(**opts)
-        # Now, so a sandbox that cannot work here (not root) stops the run at start with its reason
-        # instead of failing every sample as "raised".
-        probe = run_sandboxed("pass", "", dataclasses.replace(self.limits, wall_s=max(self.limits.wall_s, 10.0)))
-        if not probe.ok:
-            raise RuntimeError(f"code reward: the sandbox cannot run an empty program with these limits "
-                               f"({self.limits}): exit {probe.returncode}, {probe.stderr[-500:]!r}")
+        check_sandbox(self.limits, "code reward")
 
     def __call__(self, prompt: str, completion: str, metadata: dict) -> float:
         tests = metadata.get("tests")

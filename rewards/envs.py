@@ -29,6 +29,7 @@ import ast
 import math
 import operator
 import re
+import sys
 
 from .builtin import load_function
 
@@ -56,15 +57,20 @@ def evaluate(expression: str, max_exponent: int = 64, max_digits: int = 100) -> 
     names, calls or attributes: the expression is parsed, never passed to eval). Raises ValueError."""
     if len(expression) > 200:
         raise ValueError("expression too long")
+    source = expression.strip()
     try:
-        tree = ast.parse(expression.strip(), mode="eval")
+        tree = ast.parse(source, mode="eval")
     except SyntaxError as e:
         raise ValueError(f"not an expression: {e.msg}") from None
+    # A float past ~1.8e308 is inf (1e999 parses to it) and inf - inf is nan: an error, never a result
+    over = f"over the float range (about {sys.float_info.max:.2g})"
 
     def value(node):
         if isinstance(node, ast.Expression):
             return value(node.body)
         if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
+            if isinstance(node.value, float) and not math.isfinite(node.value):
+                raise ValueError(f"{ast.get_source_segment(source, node)} is not a finite number: {over}")
             return node.value
         if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
             return _UNARY[type(node.op)](value(node.operand))
@@ -74,10 +80,14 @@ def evaluate(expression: str, max_exponent: int = 64, max_digits: int = 100) -> 
                 raise ValueError(f"exponent {b} over {max_exponent}")
             try:
                 out = _BINARY[type(node.op)](a, b)
-            except (ZeroDivisionError, OverflowError) as e:
+            except ZeroDivisionError as e:
                 raise ValueError(str(e)) from None
-            if isinstance(out, complex) or (isinstance(out, float) and not math.isfinite(out)):
-                raise ValueError("not a finite real number")
+            except OverflowError:
+                raise ValueError(f"the result is not a finite number: {over}") from None
+            if isinstance(out, complex):
+                raise ValueError("the result is not a real number")
+            if isinstance(out, float) and not math.isfinite(out):
+                raise ValueError(f"the result is not a finite number: {over}")
             if isinstance(out, int) and len(str(abs(out))) > max_digits:
                 raise ValueError(f"result over {max_digits} digits")
             return out
@@ -139,11 +149,18 @@ class PythonToolEnv(TaggedTool):
     CALL = re.compile(r"<python>(.*?)</python>", re.S)
 
     def __init__(self, options: dict):
-        from .sandbox import SandboxLimits
+        from .builtin import check_sandbox
+        from .sandbox import SandboxError, SandboxLimits
 
         super().__init__(options)
-        self.limits = SandboxLimits(**{k: options[k] for k in ("cpu_s", "wall_s", "memory_mb", "output_kb")
-                                       if k in options})
+        self.limits = SandboxLimits(**{k: options[k] for k in ("cpu_s", "wall_s", "memory_mb", "output_kb",
+                                                               "allow_unisolated") if k in options})
+        # Built in each scoring process at start (the pool's readiness check waits for it): a sandbox
+        # that cannot run here stops the run then, not every step as env_raised on cut conversations.
+        try:
+            check_sandbox(self.limits, "python tool (rollout.env python_tool)")
+        except SandboxError as e:
+            raise type(e)(f"python tool (rollout.env python_tool): {e}") from None
 
     def run(self, code: str) -> tuple[str, bool]:
         from .sandbox import run_sandboxed
