@@ -33,7 +33,10 @@ def probe_caps(device: str) -> dict:
     import torch
 
     if device == "cuda":
-        return asdict(Caps("cuda", torch.cuda.get_device_name(0), torch.cuda.is_bf16_supported()))
+        # Native bf16 only (compute capability >= 8.0: A100, H100, ...). By default
+        # is_bf16_supported() also says yes where bf16 is emulated (V100, T4), and slowly.
+        return asdict(Caps("cuda", torch.cuda.get_device_name(0),
+                           torch.cuda.is_bf16_supported(including_emulation=False)))
     return asdict(Caps.cpu(torch.backends.cpu.get_cpu_capability(), torch.cpu._is_avx512_bf16_supported(),
                            torch.cpu._is_amx_tile_supported()))
 

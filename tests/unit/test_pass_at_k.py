@@ -61,8 +61,6 @@ def test_kept_rows_read_back_as_the_same_prompts(tmp_path):
     assert [float(b["answer"]) for b in back] == [r["answer"] for r in rows]
     assert {b["system"] for b in back} == {arith.system_prompt}
 
-    if not GSM8K.is_file():
-        pytest.skip(f"no GSM8K at {GSM8K}")
     gsm = make_task(TaskConfig(name="gsm8k", data_path=GSM8K, eval_size=2), seed=0)
     rows = gsm.train_prompts(3)
     path = tmp_path / "train.jsonl"

@@ -40,3 +40,51 @@ def test_resolved_config_records_the_choice(caplog):
 def test_probe_reads_this_cpu():
     caps = Caps(**probe_caps("cpu"))
     assert caps.device == "cpu" and caps.name.split()[0] in ("DEFAULT", "AVX2", "AVX512", "ZVECTOR", "SVE256")
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """Simulates one CUDA device of a given compute capability under torch's own is_bf16_supported
+    (there is no GPU here); records the arguments of every is_bf16_supported call."""
+    import types
+
+    import torch
+
+    calls = []
+    real = torch.cuda.is_bf16_supported
+
+    def spy(*args, **kwargs):
+        calls.append((args, kwargs))
+        return real(*args, **kwargs)
+
+    def install(name: str, capability: tuple[int, int]):
+        monkeypatch.setattr(torch.version, "hip", None)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+        monkeypatch.setattr(torch.cuda, "get_device_properties",
+                            lambda device=None: types.SimpleNamespace(name=name, major=capability[0],
+                                                                      minor=capability[1]))
+        # a bf16 tensor can be made on a T4 or V100: bf16 there is emulated, not absent
+        monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda device: True)
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", spy)
+        return calls
+
+    return install
+
+
+@pytest.mark.parametrize("name,capability,want", [("Tesla T4", (7, 5), "float32"), ("Tesla V100", (7, 0), "float32"),
+                                                  ("NVIDIA A100", (8, 0), "bfloat16"),
+                                                  ("NVIDIA H100", (9, 0), "bfloat16")])
+def test_probe_counts_only_native_gpu_bf16(fake_gpu, name, capability, want):
+    import torch
+
+    calls = fake_gpu(name, capability)
+    if capability < (8, 0):
+        assert torch.cuda.is_bf16_supported()  # torch's default answer counts emulation: the trap
+        calls.clear()
+    caps = Caps(**probe_caps("cuda"))
+    assert caps == Caps("cuda", name, native_bf16=capability >= (8, 0))
+    assert calls and all(kwargs.get("including_emulation") is False for _, kwargs in calls), calls
+    assert choose_dtype("auto", caps) == (want, None)

@@ -1,4 +1,4 @@
-"""Tasks on real rows: the arithmetic generator and GSM8K from ../shared/data/gsm8k."""
+"""Tasks on real rows: the arithmetic generator and GSM8K from deploy/data/gsm8k."""
 import json
 from typing import get_args
 
