@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import ray
@@ -65,6 +66,7 @@ class Roles:
     learner: LearnerGroup
     sync: WeightSync
     pgs: list
+    loaded: dict | None = None  # what the learner loaded from the checkpoint resumed (LearnerGroup.load)
 
     def shutdown(self):
         self.engines.kill()
@@ -141,29 +143,42 @@ def create_roles(cfg: Config, model_path: str, ref_path: str | None = None, resu
     """Every role of a run; with `resume`, the learner continues that checkpoint's DeepSpeed states
     and the engines start at policy `version`."""
     # All groups reserved first, then every actor launched, so engines and learner start together.
+    # A failure on the way releases what was started: a restart would wait for its resources.
     lc, t = cfg.learner, cfg.run.timeout_s
     where = cfg.placement
-    eng_pg, eng_opts = _reserve("groupflow-engines", _engine_bundles(cfg), where.engines, t)
-    lrn_pg, lrn_opts = _reserve("groupflow-learner", [
-        {"CPU": lc.cpus_per_rank, **({"GPU": 1} if lc.device == "cuda" else {})}
-        for _ in range(lc.num_ranks)], where.learner, t)
-    rwd_pg, rwd_opts = _reserve("groupflow-rewards", _reward_bundles(cfg), where.rewards, t)
+    with ExitStack() as undo:
+        eng_pg, eng_opts = _reserve("groupflow-engines", _engine_bundles(cfg), where.engines, t)
+        undo.callback(remove_placement_group, eng_pg)
+        lrn_pg, lrn_opts = _reserve("groupflow-learner", [
+            {"CPU": lc.cpus_per_rank, **({"GPU": 1} if lc.device == "cuda" else {})}
+            for _ in range(lc.num_ranks)], where.learner, t)
+        undo.callback(remove_placement_group, lrn_pg)
+        rwd_pg, rwd_opts = _reserve("groupflow-rewards", _reward_bundles(cfg), where.rewards, t)
+        undo.callback(remove_placement_group, rwd_pg)
 
-    e = cfg.engines
-    engines = _launch_engines(cfg, model_path, eng_opts, version)
-    learner = LearnerGroup(lc, cfg.algorithm, model_path, cfg.local_batch, e.temperature,
-                           e.max_new_tokens, lrn_opts, t, ref_path=ref_path, version=version)
-    rewards = RewardPool(cfg.rewards, rwd_opts, DEFAULT_REWARD[cfg.rewards.task.name], env_spec(cfg))
-    if resume is not None and learner.load(resume) == []:
-        log.warning("%s has no DeepSpeed states (an older checkpoint): optimizer moments start afresh", resume)
-    _wait_engines(engines, t)
-    rewards.ready(t)  # a reward that cannot be built stops the run now, not at the first batch
-    # a replacement starts from the run's starting weights on the dead engine's bundle
-    group = EngineGroup(engines, lambda i: _launch_engine(cfg, model_path, eng_opts[i], i, version),
-                        e.max_restarts, t)
-    sync = WeightSync(learner, group, cfg.sync_backend, e.dtype, e.tensor_parallel_size,
-                      cfg.sync.bucket_mb, cfg.sync.timeout_s, version)
-    if cfg.sync.enabled:  # a replacement joins the weight sync and gets today's weights before it generates
-        group.on_replaced = lambda i: sync.rejoin()
-    generator = Generator(group, rewards, cfg.rollout, e.max_model_len, t)
-    return Roles(group, generator, rewards, learner, sync, [eng_pg, lrn_pg, rwd_pg])
+        e = cfg.engines
+        engines = _launch_engines(cfg, model_path, eng_opts, version)
+        undo.callback(lambda: [ray.kill(a) for a in engines])
+        learner = LearnerGroup(lc, cfg.algorithm, model_path, cfg.local_batch, e.temperature,
+                               e.max_new_tokens, lrn_opts, t, ref_path=ref_path, version=version)
+        undo.callback(learner.shutdown)
+        rewards = RewardPool(cfg.rewards, rwd_opts, DEFAULT_REWARD[cfg.rewards.task.name], env_spec(cfg))
+        undo.callback(rewards.shutdown)
+        loaded = learner.load(resume) if resume is not None else None
+        if loaded is not None and loaded["restored"] == []:
+            log.warning("%s has no DeepSpeed states (an older checkpoint): optimizer moments start afresh", resume)
+        _wait_engines(engines, t)
+        rewards.ready(t)  # a reward that cannot be built stops the run now, not at the first batch
+        # A replacement starts on the dead engine's bundle from the run's original weights (the checkpoint
+        # resumed may have been pruned since) and gets the learner's by a push before it generates.
+        start = ref_path if cfg.sync.enabled and ref_path else model_path
+        group = EngineGroup(engines, lambda i: _launch_engine(cfg, start, eng_opts[i], i, version),
+                            e.max_restarts, t)
+        undo.callback(group.kill)  # replacements too
+        sync = WeightSync(learner, group, cfg.sync_backend, e.dtype, e.tensor_parallel_size,
+                          cfg.sync.bucket_mb, cfg.sync.timeout_s, version)
+        if cfg.sync.enabled:  # a replacement joins the weight sync and gets today's weights before it generates
+            group.on_replaced = lambda i: sync.rejoin()
+        generator = Generator(group, rewards, cfg.rollout, e.max_model_len, t)
+        undo.pop_all()  # started: the run owns them now (Roles.shutdown)
+    return Roles(group, generator, rewards, learner, sync, [eng_pg, lrn_pg, rwd_pg], loaded)

@@ -31,7 +31,8 @@ class Start:
 def starting_point(cfg: Config, run_dir: Path) -> Start:
     """A fresh run starts from the configured model; `trainer.resume_from` continues a checkpoint
     ('auto': the newest complete one of this run dir, if any). Resuming into the checkpoint's own
-    run dir first drops what later steps wrote (metrics, rollouts), so each step is recorded once."""
+    run dir, or a run dir with no checkpoint of its own, first drops what later steps wrote (metrics,
+    rollouts), so each step is recorded once."""
     ckpt = cfg.trainer.resume_from
     if ckpt == "auto":
         ckpt = checkpoint.latest(run_dir)
@@ -42,7 +43,7 @@ def starting_point(cfg: Config, run_dir: Path) -> Start:
         return Start(path, path, 1, None)
     ckpt = Path(ckpt).resolve()
     state = checkpoint.read_state(ckpt)
-    if ckpt.parent.parent == Path(run_dir).resolve():
-        checkpoint.rewind(run_dir, int(state["step"]))
+    if ckpt.parent.parent == Path(run_dir).resolve() or not checkpoint.complete_steps(run_dir):
+        checkpoint.rewind(run_dir, int(state["step"]))  # also a restart of `--resume PATH` before its first save
     return Start(ckpt, Path(state.get("reference_model", ckpt)), int(state["step"]) + 1, state["data"],
                  ckpt, state)

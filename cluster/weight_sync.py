@@ -8,6 +8,7 @@ import ray
 from learner.group import MemberDied, wait_all
 
 from weightsync.plan import SyncPlan, TensorSpec, plan_buckets
+from weightsync.torch_dist import abort
 
 
 class WeightSync:
@@ -24,7 +25,7 @@ class WeightSync:
     def _form(self) -> None:
         """A group of learner rank 0 and every engine worker, on a fresh port (a new group each time)."""
         world, t = 1 + len(self.engines) * self.tp_size, self.timeout_s
-        host, port = ray.get(self.learner.ranks[0].address.remote(), timeout=t)
+        host, port = self._store = ray.get(self.learner.ranks[0].address.remote(), timeout=t)
         refs = self.learner.start("init_weight_sync", host, port, world, self.backend, t)
         refs += [e.init_weight_sync.remote(host, port, 1 + i * self.tp_size, world, self.backend, t)
                  for i, e in enumerate(self.engines)]
@@ -58,12 +59,27 @@ class WeightSync:
     def push(self) -> dict:
         """Learner ranks gather and rank 0 broadcasts while every engine receives and reloads. The
         learner sends its policy version with the weights; an engine busy generating loads them after
-        that call (an actor runs one call at a time), so no sample mixes two versions."""
+        that call (an actor runs one call at a time), so no sample mixes two versions.
+
+        An engine found dead (idle before the push, or receiving it) is replaced in place: the
+        survivors are told through the group's store to give up the broadcast (gloo breaks the
+        sender's pairs to the dead engine, but a receiver may wait on it until sync.timeout_s:
+        measured, 600 s), then the replacement joins a new group and the push is redone to all
+        (EngineGroup.replace -> on_replaced -> rejoin). Learner state is never in doubt."""
         start = time.monotonic()
         refs = self.learner.start("broadcast_weights", self.plan)
         refs += [e.load_weights.remote(self.plan) for e in self.engines]
-        versions = self._wait(refs, f"weight sync v{self.learner.version} ({len(self.plan.buckets)} buckets)",
-                              self._members())
+        try:
+            versions = self._wait(refs, f"weight sync v{self.learner.version} ({len(self.plan.buckets)} buckets)",
+                                  self._members())
+        except MemberDied as e:
+            if not e.member.startswith("engine"):
+                raise
+            abort(*self._store)
+            ray.wait(refs, num_returns=len(refs), timeout=self.timeout_s)  # the survivors' calls end
+            self.engines.replace(int(e.member.split()[1]), e)  # on_replaced: rejoin, push again
+            return {"time_sync_s": time.monotonic() - start, "sync_bytes": self.plan.total_bytes,
+                    "sync_version": self.version}
         self.version = versions[0]
         return {"time_sync_s": time.monotonic() - start, "sync_bytes": self.plan.total_bytes,
                 "sync_version": self.version}

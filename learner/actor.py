@@ -72,7 +72,8 @@ class LearnerActor:
         quiet(deepspeed, transformers)
         deepspeed.init_distributed(dist_backend="gloo" if cfg.device == "cpu" else "nccl")
         self.device = torch.device("cpu") if cfg.device == "cpu" else torch.device("cuda", 0)
-        tok = AutoTokenizer.from_pretrained(self.model_path)
+        # kept: a checkpoint saves it, and the checkpoint this run resumed from may be pruned by then
+        self.tokenizer = tok = AutoTokenizer.from_pretrained(self.model_path)
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         start = time.monotonic()
         rl_mode = mode == "rl"
@@ -198,12 +199,17 @@ class LearnerActor:
     def _trained(self) -> list[str]:  # the reference is the fixed start: nothing of it to save
         return [r for r in ("policy", "critic") if r in self.engines]
 
-    def save_checkpoint(self, path: str, full: bool = True) -> str | None:
+    def counters(self) -> dict:
+        """What this rank's state says of how far it trained: policy version and optimizer steps
+        (a checkpoint's parts must agree with its step: cluster/checkpoint.py verify)."""
+        return {"policy_version": self.version, "optimizer_steps": int(self.engine.global_steps)}
+
+    def save_checkpoint(self, path: str, full: bool = True) -> dict:
         """Write into `path` (a fresh temp dir the driver renames once every rank is done):
         rank 0 the HF safetensors export and tokenizer; with `full`, every rank its DeepSpeed shards
-        (weights, optimizer moments, scheduler; the critic's too) and its RNG state."""
+        (weights, optimizer moments, scheduler; the critic's too) and its RNG state. Returns the
+        counters of the state written."""
         import deepspeed
-        from transformers import AutoTokenizer
 
         out = Path(path)
         if full:
@@ -216,15 +222,15 @@ class LearnerActor:
             with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
                 if self.rank == 0:
                     state[name] = p.detach().to("cpu", torch.float32).clone()
-        if self.rank != 0:
-            return None
-        self.engine.module.save_pretrained(out, state_dict=state, safe_serialization=True)
-        AutoTokenizer.from_pretrained(self.model_path).save_pretrained(out)
-        return str(out)
+        if self.rank == 0:
+            self.engine.module.save_pretrained(out, state_dict=state, safe_serialization=True)
+            self.tokenizer.save_pretrained(out)
+        return self.counters()
 
-    def load_checkpoint(self, path: str) -> list[str]:
+    def load_checkpoint(self, path: str) -> dict:
         """Continue exactly where `save_checkpoint(path, full=True)` left off: DeepSpeed states of
-        every trained engine and this rank's RNG. Returns the roles restored."""
+        every trained engine and this rank's RNG. Returns the roles restored, whether its RNG was, and
+        the counters of the state loaded."""
         out, restored = Path(path), []
         for role in self._trained():
             if (out / "deepspeed" / role).is_dir():
@@ -235,7 +241,7 @@ class LearnerActor:
         rng = out / "rng" / f"rank_{self.rank}.pt"
         if rng.is_file():
             _set_rng_state(torch.load(rng, weights_only=False))
-        return restored
+        return {"restored": restored, "rng": rng.is_file(), **self.counters()}
 
 
 def _rng_state() -> dict:

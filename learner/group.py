@@ -55,6 +55,13 @@ def _token_mean(stats: list[dict]) -> dict:
     return merged
 
 
+def _agreed(counters: list[dict], path: str) -> dict:
+    """The ranks' counters, which must be one: ranks that disagree hold different training histories."""
+    if any(c != counters[0] for c in counters):
+        raise RuntimeError(f"the learner ranks disagree on how far they trained ({counters}) at {path}")
+    return counters[0]
+
+
 class LearnerGroup:
     def __init__(self, cfg: LearnerConfig, algo: AlgorithmConfig, model_path: str, local_batch: int,
                  temperature: float, max_new_tokens: int, actor_options: list[dict], timeout_s: float,
@@ -69,10 +76,14 @@ class LearnerGroup:
                                                 max_new_tokens, ref_path, version)
             for r, opts in enumerate(actor_options)
         ]
-        master, port = _get(self.ranks[0].address.remote(), timeout_s, "reporting rank 0's address")
-        nodes = self.call("node", what="reporting the ranks' nodes")
-        self.call("setup", per_rank=[(master, port, mode, nodes.count(n)) for n in nodes],
-                  what="learner start-up (DeepSpeed init)")
+        try:
+            master, port = _get(self.ranks[0].address.remote(), timeout_s, "reporting rank 0's address")
+            nodes = self.call("node", what="reporting the ranks' nodes")
+            self.call("setup", per_rank=[(master, port, mode, nodes.count(n)) for n in nodes],
+                      what="learner start-up (DeepSpeed init)")
+        except BaseException:  # nobody gets this group to shut down: release its ranks now
+            self.shutdown()
+            raise
 
     def call(self, method: str, *args, what: str | None = None, per_rank: list | None = None):
         refs = self._submit(method, [per_rank[r] if per_rank else args for r in range(len(self.ranks))])
@@ -109,13 +120,17 @@ class LearnerGroup:
     def peak_memory(self) -> list[dict]:
         return self.call("peak_memory")
 
-    def save(self, path: str, full: bool = True) -> None:
-        """Every rank writes its part into `path` (cluster/checkpoint.py makes it atomic)."""
-        self.call("save_checkpoint", path, full, what=f"saving a checkpoint into {path}")
+    def save(self, path: str, full: bool = True) -> dict:
+        """Every rank writes its part into `path` (cluster/checkpoint.py makes it atomic); returns
+        the counters (policy version, optimizer steps) of what was written, which all ranks share."""
+        return _agreed(self.call("save_checkpoint", path, full, what=f"saving a checkpoint into {path}"), path)
 
-    def load(self, path: str) -> list[str]:
-        """Restore the DeepSpeed states and RNG of a full checkpoint on every rank."""
-        return self.call("load_checkpoint", path, what=f"loading the checkpoint {path}")[0]
+    def load(self, path: str) -> dict:
+        """Restore the DeepSpeed states and RNG of a full checkpoint on every rank; returns the roles
+        restored, whether every rank's RNG was, and the counters of the state loaded."""
+        parts = self.call("load_checkpoint", path, what=f"loading the checkpoint {path}")
+        return {**_agreed([{k: p[k] for k in ("policy_version", "optimizer_steps")} for p in parts], path),
+                "restored": parts[0]["restored"], "rng": all(p["rng"] for p in parts)}
 
     def shutdown(self):
         for a in self.ranks:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import socket
+import time
 from datetime import timedelta
 from typing import Callable
 
@@ -52,14 +53,42 @@ class TorchDistTransport:
         self._store = store  # the master's store must outlive the group
 
     def start_broadcast(self, flat: torch.Tensor) -> Callable[[], None]:
-        """Start it and return its wait: the next bucket is packed or loaded meanwhile."""
+        """Start it and return its wait: the next bucket is packed or loaded meanwhile. The wait ends
+        early, raising Aborted, once anyone calls abort() on the group's store: a member that died
+        leaves the others blocked (gloo breaks the sender's pairs, not every receiver's)."""
         work = self.pg.broadcast([flat], dist.BroadcastOptions())
 
         def wait() -> None:
-            if not work.wait(self.timeout):
-                raise TimeoutError(f"weight broadcast of {flat.numel()} elements timed out "
-                                   f"after {self.timeout.total_seconds()}s (rank {self.rank})")
+            deadline = time.monotonic() + self.timeout.total_seconds()
+            next_look, nap = 0.0, 1e-4
+            while not work.is_completed():
+                now = time.monotonic()
+                if now > deadline:
+                    raise TimeoutError(f"weight broadcast of {flat.numel()} elements timed out "
+                                       f"after {self.timeout.total_seconds()}s (rank {self.rank})")
+                if now >= next_look:  # a store round trip twice a second, not per poll
+                    if self._store.check([ABORT_KEY]):
+                        _ABANDONED.append(self)  # its blocked work must never be joined by a destructor
+                        raise Aborted(f"weight broadcast aborted (rank {self.rank}): a member of the group died")
+                    next_look = now + 0.5
+                time.sleep(nap)
+                nap = min(2 * nap, 0.01)  # short waits stay short, long ones cost no CPU
+            work.wait()  # raises the op's own error, if it failed
         return wait
 
     def broadcast(self, flat: torch.Tensor) -> None:
         self.start_broadcast(flat)()
+
+
+class Aborted(RuntimeError):
+    """A broadcast given up because the group was aborted (see abort)."""
+
+
+ABORT_KEY = "groupflow-weight-sync-abort"
+_ABANDONED: list = []  # transports with a blocked broadcast: kept, so nothing waits to destroy them
+
+
+def abort(host: str, port: int, timeout_s: float = 30.0) -> None:
+    """Tell every member of the group whose store is at host:port to give up its broadcast in flight."""
+    store = dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=timeout_s))
+    store.set(ABORT_KEY, "1")

@@ -88,6 +88,9 @@ def test_ray_job_stop_checkpoints_and_the_resubmitted_job_finishes_the_run(head,
     assert state["step"] == done[-1] and state["data"]["cursor"] == 8 * done[-1]
 
     mark.unlink()
+    # resubmitted with a checkpoint every step, one kept: the checkpoint it resumed from is pruned after
+    # the next save, and later saves and replacement engines must not need it
+    args = (*args, "trainer.checkpoint_every=1", "trainer.keep_checkpoints=1")
     proc = submit(head, run_dir, *args)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0 and "succeeded" in out, out[-5000:]
@@ -96,8 +99,9 @@ def test_ray_job_stop_checkpoints_and_the_resubmitted_job_finishes_the_run(head,
     assert sorted(p.name for p in (run_dir / "rollouts").iterdir()) == [f"step_{s:06d}.parquet" for s in range(1, 5)]
     assert os.readlink(run_dir / "checkpoints" / "final") == "step_000004"
     assert (run_dir / "checkpoints" / "final" / "model.safetensors").is_file()
-    # keep_checkpoints=2: the stop's checkpoint and the final one
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["final", ckpts[0], "step_000004"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["final", "step_000004"]  # keep 1
+    state = json.loads((run_dir / "checkpoints" / "final" / "trainer_state.json").read_text())
+    assert state["counts"] == {"policy_version": 4, "optimizer_steps": 8, "rows_drawn": 32}  # each step once
 
     # the same command once more: the run has finished, nothing starts
     again = subprocess.run([GROUPFLOW, "train", "--config", "deploy/configs/smoke.yaml", "--run-dir", str(run_dir),

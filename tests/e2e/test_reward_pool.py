@@ -177,6 +177,35 @@ def test_a_reward_that_cannot_be_built_fails_at_start(local_ray, pools, tmp_path
             {"name": "python", "options": {"function": f"{bad}:f"}}])
 
 
+def test_a_failed_start_releases_every_actor_and_placement_group(local_ray, tmp_path):
+    """create_roles with a reward that cannot be built: the engine and the learner rank it started
+    before the reward pool failed are gone, and so are the three placement groups (a restart would
+    otherwise wait for their resources)."""
+    from ray._private.state import actors  # the GCS's tables: this cluster runs no dashboard
+
+    from cluster.config import load_config
+    from cluster.placement import create_roles
+    from cluster.prepare import prepare_model
+    bad = tmp_path / "bad.py"
+    bad.write_text("raise ImportError('no such dependency')\n")
+    cfg = load_config("deploy/configs/smoke.yaml", [
+        "engines.num_engines=1", "learner.num_ranks=1", "rewards.num_workers=1", "trainer.prompts_per_step=4",
+        "learner.minibatches=1", f"rewards.components=[{{name: python, options: {{function: '{bad}:f'}}}}]"])
+    model = prepare_model(cfg.model, tmp_path, 0)
+    with pytest.raises(ray.exceptions.RayTaskError, match="no such dependency"):
+        create_roles(cfg, str(model), str(model))
+    deadline = time.monotonic() + 30
+    while True:
+        alive = [a["ActorClassName"] for a in actors().values() if a["State"] != "DEAD"
+                 and a["ActorClassName"] in ("RolloutActor", "LearnerActor", "RewardWorker")]
+        held = [g["name"] for g in ray.util.placement_group_table().values()
+                if g["state"] != "REMOVED" and g["name"].startswith("groupflow-")]
+        if not alive and not held or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert alive == [] and held == [], (alive, held)
+
+
 def test_killed_worker_is_replaced_in_its_bundle(local_ray, pools):
     pg = placement_group([{"CPU": 0.1}, {"CPU": 0.1}], strategy="PACK")
     ray.get(pg.ready(), timeout=30)

@@ -42,3 +42,46 @@ def test_gloo_broadcast_reaches_every_member():
     for p in procs:
         p.join(60)
     assert all(v == list(map(float, range(10))) for v in results.values())
+
+
+def _survivor(rank, port, world, q, release):
+    t = TorchDistTransport("127.0.0.1", port, rank, world, "gloo", timeout_s=120)
+    import os
+    import time
+    q.put(("ready", rank, os.getpid()))
+    time.sleep(3)  # the dead member is gone by now
+    start = time.monotonic()
+    try:
+        t.broadcast(torch.zeros(4))
+        q.put(("done", rank, "completed", time.monotonic() - start))
+    except Exception as e:  # noqa: BLE001 - what each member saw is the result
+        q.put(("done", rank, type(e).__name__, time.monotonic() - start))
+    release.wait(60)  # rank 0 hosts the group's store: it lives on, as the learner does
+
+
+def test_a_member_blocked_by_a_dead_peer_gives_up_when_the_group_is_aborted():
+    """One receiver is SIGKILLed before a broadcast: the sender's pair breaks, but the other receiver
+    would wait on it until the group's timeout (120 s here). abort() on the group's store ends every
+    member's wait within a second or so, so the driver can replace the dead engine and push again."""
+    import os
+    import signal
+    import time
+
+    from weightsync.torch_dist import abort
+    ctx = mp.get_context("spawn")
+    q, port, world, release = ctx.Queue(), free_port(), 3, ctx.Event()
+    procs = [ctx.Process(target=_survivor, args=(r, port, world, q, release)) for r in range(world)]
+    for p in procs:
+        p.start()
+    pids = {rank: pid for _, rank, pid in (q.get(timeout=120) for _ in range(world))}
+    os.kill(pids[1], signal.SIGKILL)
+    sender = q.get(timeout=30)  # the sender fails at once
+    time.sleep(5)
+    blocked = q.empty()  # the receiver still waits
+    abort("127.0.0.1", port)
+    seen = {rank: (what, took) for _, rank, what, took in [sender, q.get(timeout=60)]}
+    release.set()
+    for p in procs:
+        p.join(30)
+    assert seen[0][0] == "RuntimeError"  # the sender: "Connection closed by peer"
+    assert seen[2][0] == "Aborted" and blocked, seen  # the receiver waited until told
