@@ -82,6 +82,20 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--count", type=_positive, default=1000)
     tr.add_argument("--out", required=True, help="the jsonl file to write")
     tr.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    ch = sub.add_parser("chaos", help="a run under seeded faults against the same run clean: exactly once, measured",
+                        description="Run the config clean, then again under a seeded schedule of real faults (SIGKILL "
+                        "of an engine generating, idle or receiving a push, of a learner rank scoring or training, of "
+                        "a reward worker; SIGTERM of the driver, then --resume auto), and report each fault's phase, "
+                        "recovery path and time, and how far the final weights, metrics and rollouts differ "
+                        "(RUN_DIR/clean, RUN_DIR/chaos).")
+    ch.add_argument("--config")
+    ch.add_argument("--run-dir")
+    ch.add_argument("--faults", type=_positive, default=10, help="how many, at seeded random steps and kinds")
+    ch.add_argument("--seed", type=int, default=0, help="the schedule's seed")
+    ch.add_argument("--schedule", help="instead: STEP:KIND,... injected in order once STEP is logged")
+    ch.add_argument("--clean", help="compare against this finished run of the same config instead of running it")
+    ch.add_argument("--json", help="also write the report here")
+    ch.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     b = sub.add_parser("bench", help="benchmarks with JSON output")
     bsub = b.add_subparsers(dest="bench", required=True)
     bt = bsub.add_parser("train", help="run a training and report wall time, accuracy and phase shares")
@@ -132,6 +146,24 @@ def _overrides(args) -> list[str]:
     if args.command == "train" and args.resume:
         return [f"trainer.resume_from={args.resume}", *args.overrides]
     return list(args.overrides)
+
+
+def _chaos(args, cfg) -> int:
+    from . import chaos
+    try:
+        faults = chaos.parse_schedule(args.schedule) if args.schedule else \
+            chaos.schedule(args.faults, cfg.trainer.steps, args.seed)
+    except ValueError as e:
+        print(f"groupflow: {e}", file=sys.stderr)
+        return 2
+    report = chaos.chaos(args.config, list(args.overrides), _run_dir(args.run_dir), faults, args.seed,
+                         Path(args.clean) if args.clean else None)
+    text = json.dumps(report, indent=2)
+    print(text)
+    print(chaos.table(report))
+    if args.json:
+        Path(args.json).write_text(text)
+    return 0
 
 
 def _run_dir(arg: str | None) -> Path:
@@ -186,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command in ("eval", "prune"):
         return _eval_or_prune(args, cfg)
+    if args.command == "chaos":
+        return _chaos(args, cfg)
     from actors.group import EngineFailure
 
     from .checkpoint import CheckpointError

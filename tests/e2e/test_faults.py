@@ -1,10 +1,10 @@
-"""Faults on real runs of the smoke config, with real signals to real processes: an engine killed
-mid-generation; a learner rank killed mid-update; an engine killed before a weight push; a run dir that
-cannot be written; a disk that fills during a checkpoint. (Preemption and --resume auto: the
+"""Faults on real runs of the smoke config, with real signals to real processes: `groupflow chaos` (an
+engine killed mid-generation; an engine killed before a weight push; a learner rank killed mid-update,
+each against the clean run's weights); a run dir that cannot be written; a disk that fills during a
+checkpoint. (Preemption and --resume auto: the
 `ray job stop` test in test_job_submit.py and test_preemption.py.)"""
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -28,50 +28,68 @@ def steps(run_dir) -> list[int]:
     return [json.loads(line)["step"] for line in path.read_text().splitlines()] if path.is_file() else []
 
 
-def processes(title: str) -> list[int]:
-    """Pids of Ray workers whose process title is `title` (Ray sets ray::Class.method while a call runs)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                if f.read().split(b"\0")[0].decode(errors="replace").strip() == title:
-                    found.append(int(entry))
-        except (OSError, ValueError):
-            continue
-    return found
-
-
-def when(title: str, proc, after_step: int, run_dir) -> int:
-    """The pid of a process titled `title`, once `after_step` steps are logged."""
-    deadline = time.monotonic() + 600
-    while not (len(steps(run_dir)) >= after_step and processes(title)):
-        assert proc.poll() is None, proc.stdout.read()[-5000:]
-        assert time.monotonic() < deadline, f"no {title} after step {after_step}"
-        time.sleep(0.05)
-    return processes(title)[0]
-
-
-def test_dead_engine_dead_learner_rank_and_a_push_to_a_dead_engine(tmp_path):
-    run_dir = tmp_path / "run"
-    proc = start(run_dir, "trainer.steps=5", "trainer.checkpoint_every=1", "engines.max_new_tokens=48")
-    os.kill(when("ray::RolloutActor.generate", proc, 1, run_dir), signal.SIGKILL)  # step 2: replaced in place
-    os.kill(when("ray::LearnerActor.train", proc, 2, run_dir), signal.SIGKILL)  # step 3: restart from step 2
-    when("ray::LearnerActor.train", proc, 3, run_dir)  # step 4's update runs: an idle engine dies, so
-    os.kill(processes("ray::RolloutActor")[0], signal.SIGKILL)  # the weight push finds a dead peer
-    out, _ = proc.communicate(timeout=900)
-    assert proc.returncode == 0, out[-6000:]
-    assert "starting a replacement (1 of at most 3)" in out
-    assert "a training step: learner rank" in out and "restarting from the newest checkpoint (1 of at most 2)" in out
-    assert "weight sync v4" in out and "restarting from the newest checkpoint (2 of at most 2)" in out
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]  # each step once, the lost ones redone
-    assert [r["restarts"] for r in rows] == [0, 0, 1, 2, 2]
-    assert rows[1]["engine_restarts"] == 1
-    # the replacement engine got the current weights before generating; every prompt kept its G samples
+def test_chaos_run_ends_on_the_clean_runs_weights(smoke, tmp_path):
+    """`groupflow chaos` against the session's smoke run: an engine killed mid-generation (replaced, its
+    share regenerated), an idle engine found dead by the weight push (replaced in place, the push
+    redone: no restart), a learner rank killed mid-update (restart from the newest checkpoint). Every
+    step is logged once, every checkpoint's counts agree with its step, and the final weights, the
+    learning metrics and the rollouts are the clean run's."""
+    clean, clean_rows, _ = smoke
+    out = tmp_path / "chaos.json"
+    proc = subprocess.run([sys.executable, "-m", "cluster.cli", "chaos", "--config", "deploy/configs/smoke.yaml",
+                           "--run-dir", str(tmp_path), "--clean", str(clean), "--json", str(out),
+                           "--schedule", "0:engine-generating,1:engine-idle,1:learner-training",
+                           "trainer.eval=false",  # step 1's sampling, not the held-out evaluation, is hit
+                           "sync.timeout_s=60"],  # a push that waits out its time-out shows below
+                          cwd=ROOT, capture_output=True, text=True, timeout=1500)
+    log = (tmp_path / "chaos.log").read_text() if (tmp_path / "chaos.log").is_file() else ""
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + log[-6000:]
+    report = json.loads(out.read_text())
+    gen, idle, learner = report["faults"]
+    assert (gen["title"], gen["step_in_flight"], gen["recovery"]) == \
+        ("ray::RolloutActor.generate", 1, "engine replaced in place"), gen
+    assert (idle["step_in_flight"], idle["recovery"]) == (2, "engine replaced in place"), idle
+    assert (learner["step_in_flight"], learner["recovery"]) == (3, "restart from the newest checkpoint"), learner
+    assert "weight sync v2" in log and "died" in log  # the push found the idle engine dead, named it
+    assert "restarting from the newest checkpoint (1 of at most 4)" in log
+    assert report["driver_exits"] == [] and report["steps_logged"] == [1, 2, 3]  # each step once
+    rows = [json.loads(line) for line in (tmp_path / "chaos" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["restarts"] for r in rows] == [0, 0, 1] and [r["engine_restarts"] for r in rows] == [1, 2, 0]
+    # the survivors of the push to the dead engine were told to give up, not left to time out
+    assert rows[1]["time_sync_s"] < 60 and rows[1]["weight_pushes"] == 1, rows[1]
+    # the replacement engines got the current weights before generating
     assert all(r["logprob_abs_diff_mean"] < 1e-3 for r in rows), [r["logprob_abs_diff_mean"] for r in rows]
-    import pyarrow.parquet as pq
-    table = pq.read_table(run_dir / "rollouts" / "step_000002.parquet")
-    assert table.num_rows == 32 and len(set(table.column("prompt_id").to_pylist())) == 8
+    # exactly once: the chaos run is the clean run (fp32; the regenerated share drawn with its seed)
+    assert report["rollout_steps_equal"] == report["rollout_steps"] == 3, report
+    assert report["max_abs_weight_diff"] < 1e-5, report
+    for key in ("reward_mean", "loss", "grad_norm"):
+        assert report["max_abs_metric_diff"][key] < 1e-4, (key, report["max_abs_metric_diff"])
+    for step in (2, 3):  # every checkpoint's parts agree with its step (2 minibatches: 2 optimizer steps a step)
+        state = json.loads((tmp_path / "chaos" / "checkpoints" / f"step_{step:06d}" / "trainer_state.json").read_text())
+        assert state["counts"] == {"policy_version": step, "optimizer_steps": 2 * step, "rows_drawn": 8 * step}
+
+
+def test_a_reward_worker_lost_twice_stops_the_run_with_the_last_step_checkpointed(tmp_path):
+    """Not only a preemption or a dead engine keeps the run's progress: a reward whose every call
+    kills its worker (the replacement dies on the same share) stops the run (exit 1, named) with the
+    last step it finished checkpointed whole and agreeing with its step, though checkpoint_every is 0."""
+    run_dir, mark = tmp_path / "run", tmp_path / "slow"
+    proc = start(run_dir, "trainer.steps=3", "trainer.checkpoint_every=0", "engines.num_engines=1",
+                 "learner.num_ranks=1", "rewards.components=[{name: python, options: "
+                 "{function: tests/e2e/slow_reward.py:kill_worker_when_marked}}]", env={"GF_SLOW_MARK": str(mark)})
+    deadline = time.monotonic() + 600
+    while steps(run_dir) != [1]:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-5000:]
+        time.sleep(0.05)
+    mark.touch()
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 1, out[-5000:]
+    assert "died twice on the same share" in out, out[-5000:]
+    done = steps(run_dir)  # step 2's batch may have been scored before the mark: then step 3's fails
+    assert done in ([1], [1, 2]), done
+    assert f"writing the checkpoint of step {done[-1]} before stopping" in out, out[-5000:]
+    state = json.loads((run_dir / "checkpoints" / f"step_{done[-1]:06d}" / "trainer_state.json").read_text())
+    assert state["counts"] == {"policy_version": done[-1], "optimizer_steps": 2 * done[-1], "rows_drawn": 8 * done[-1]}
 
 
 def test_an_unwritable_run_dir_is_named_before_anything_starts(tmp_path):
