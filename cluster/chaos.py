@@ -51,11 +51,13 @@ class Fault:
     recovery_s: float | None = None
 
 
-def schedule(n: int, steps: int, seed: int, kinds: list[str] | None = None) -> list[Fault]:
-    """n faults at seeded random steps and kinds, in the order they are injected."""
+def schedule(n: int, steps: int, seed: int) -> list[Fault]:
+    """n faults at seeded random steps, in the order they are injected: every kind once (as n allows),
+    then kinds drawn at random."""
     rng = random.Random(seed)
-    kinds = kinds or list(FAULTS)
-    return sorted((Fault(rng.randrange(steps), rng.choice(kinds)) for _ in range(n)), key=lambda f: f.after_step)
+    kinds = rng.sample(list(FAULTS), min(n, len(FAULTS))) + [rng.choice(list(FAULTS)) for _ in range(n - len(FAULTS))]
+    # after step s, the fault lands in step s + 1; the last step has no weight push after it: not drawn
+    return sorted((Fault(rng.randrange(max(1, steps - 1)), k) for k in kinds), key=lambda f: f.after_step)
 
 
 def parse_schedule(text: str) -> list[Fault]:
@@ -163,10 +165,17 @@ def inject(run: Run, fault: Fault, rng: random.Random, timeout_s: float, titles:
         return inject(run, fault, rng, deadline - time.monotonic(), titles)
     fault.pid, fault.title = pid, "groupflow train (driver)" if fault.kind == "driver-sigterm" else title
     fault.step_in_flight = max(logged_steps(run.run_dir), default=0) + 1
-    launches = run.launches
-    while run.alive() and time.monotonic() < deadline:  # recovered: the step in flight is logged
-        if fault.step_in_flight in logged_steps(run.run_dir):
-            break
+    launches, last = run.launches, None
+    while run.alive() and time.monotonic() < deadline:
+        # recovered: the step in flight is logged; after a SIGTERM, a step logged by the resumed driver
+        logged = max(logged_steps(run.run_dir), default=0)
+        if fault.kind != "driver-sigterm":
+            if logged >= fault.step_in_flight:
+                break
+        elif run.launches > launches:
+            last = logged if last is None else last
+            if logged > last:
+                break
         time.sleep(0.05)
     fault.recovery_s = round(time.monotonic() - killed_at, 2)
     text = run.output()[offset:]
