@@ -111,6 +111,13 @@ def _parser() -> argparse.ArgumentParser:
     bm.add_argument("--steps", type=int, default=3, help="training steps per algorithm")
     bm.add_argument("--json", help="also write the report here")
     bm.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    bl = bsub.add_parser("learn", help="held-out accuracy against training time, per variant and seed")
+    bl.add_argument("--config")
+    bl.add_argument("--run-dir")
+    bl.add_argument("--variants", help="NAME:KEY=VALUE ...;NAME:... (default: the precision policies)")
+    bl.add_argument("--seeds", default="0,1", help="comma-separated trainer.seed values")
+    bl.add_argument("--json", help="also write the report here")
+    bl.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     for name, helptext, count, default, what in (
             ("learner", "learner tokens/s with each optimization on and off, and FLOP/s against a plain "
              "matrix product", "--steps", 3, "steps per variant; the first is a warm-up"),
@@ -248,7 +255,11 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(summary, indent=2))
         return 0
     from . import bench
-    if args.bench == "train" and args.mode == "async":
+    if args.bench == "learn":
+        from . import bench_learn
+        variants = bench_learn.parse_variants(args.variants or bench_learn.PRECISION_VARIANTS)
+        report = bench_learn.learn_report(cfg, run_dir, variants, [int(s) for s in args.seeds.split(",")])
+    elif args.bench == "train" and args.mode == "async":
         report = bench.async_report(cfg, run_dir)
     elif args.bench == "train":
         report = bench.train_report(cfg.model_copy(update={"trainer": cfg.trainer.model_copy(
@@ -267,7 +278,10 @@ def main(argv: list[str] | None = None) -> int:
             ray.shutdown()
     text = json.dumps(report, indent=2)
     print(text)
-    if args.bench == "learner":
+    if args.bench == "learn":
+        from .bench_learn import table
+        print(table(report))
+    elif args.bench == "learner":
         print(_learner_table(report))
     elif args.bench == "train" and args.mode == "async":
         print(_async_table(report))

@@ -16,10 +16,11 @@ COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e3
 DASHES = ["", "6 3", "2 3", "8 3 2 3", "1 2"]
 W, H, PAD_L, PAD_R, PAD_T, PAD_B = 560, 270, 58, 12, 28, 76
 
-# (title, y label, metric keys): one line per key and run
+# (title, y label, metric keys[, x key]): one line per key and run, against the step unless named
 LINES = [
     ("Reward", "mean reward", ["reward_mean"]),
     ("Held-out accuracy", "pass@1", ["eval_pass@1"]),
+    ("Held-out accuracy against training time", "pass@1", ["eval_pass@1"], "minutes"),
     ("KL and exact divergences", "nats", ["kl", "div_reverse_kl", "div_forward_kl", "div_js", "div_tv"]),
     ("Entropy", "nats / token", ["entropy"]),
     ("Response length", "tokens", ["response_length_mean"]),
@@ -38,9 +39,12 @@ def load_run(run_dir: Path) -> dict:
     for r in rows:  # the update alone: time_train_s holds the pi_old/pi_ref pass too
         if "time_train_s" in r:
             r["time_update_s"] = max(0.0, r["time_train_s"] - r.get("time_prepare_s", 0.0))
+    minutes = 0.0
+    for r in rows:  # training time so far (start-up and evaluations excluded): time to accuracy's axis
+        minutes = r["minutes"] = minutes + r.get("time_step_s", 0.0) / 60
     summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
     if summary.get("eval_accuracy_start") is not None and rows:  # held-out accuracy at start and end
-        rows = [{"step": 0, "eval_pass@1": summary["eval_accuracy_start"]}] + rows
+        rows = [{"step": 0, "minutes": 0.0, "eval_pass@1": summary["eval_accuracy_start"]}] + rows
         if summary.get("eval_accuracy_end") is not None and "eval_pass@1" not in rows[-1]:
             rows[-1] = {**rows[-1], "eval_pass@1": summary["eval_accuracy_end"]}
     config = (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").is_file() else ""
@@ -67,10 +71,10 @@ def _fmt(v: float) -> str:
 class Frame:
     """Axes of one plot: data coordinates to pixels, and the SVG of the grid."""
 
-    def __init__(self, xs: list[float], ys: list[float], ylabel: str):
-        self.xt = nice_ticks(min(xs), max(xs), integer=True)
+    def __init__(self, xs: list[float], ys: list[float], ylabel: str, xlabel: str = "step"):
+        self.xt = nice_ticks(min(xs), max(xs), integer=xlabel == "step")
         self.yt = nice_ticks(min(0.0, min(ys)), max(ys))
-        self.ylabel = ylabel
+        self.ylabel, self.xlabel = ylabel, xlabel
 
     def x(self, v: float) -> float:
         return PAD_L + (v - self.xt[0]) / (self.xt[-1] - self.xt[0]) * (W - PAD_L - PAD_R)
@@ -85,7 +89,7 @@ class Frame:
                        f'<text x="{PAD_L - 6}" y="{self.y(t) + 4:.1f}" text-anchor="end">{_fmt(t)}</text>')
         for t in self.xt:
             out.append(f'<text x="{self.x(t):.1f}" y="{H - PAD_B + 16}" text-anchor="middle">{_fmt(t)}</text>')
-        out.append(f'<text x="{(PAD_L + W - PAD_R) / 2}" y="{H - PAD_B + 32}" text-anchor="middle">step</text>'
+        out.append(f'<text x="{(PAD_L + W - PAD_R) / 2}" y="{H - PAD_B + 32}" text-anchor="middle">{self.xlabel}</text>'
                    f'<text transform="translate(14 {(PAD_T + H - PAD_B) / 2}) rotate(-90)" '
                    f'text-anchor="middle">{html.escape(self.ylabel)}</text>')
         return "".join(out)
@@ -108,20 +112,21 @@ def _svg(title: str, body: str, series: int) -> str:
             f'{html.escape(title)}</text>{body}</svg>')
 
 
-def line_plot(title: str, ylabel: str, keys: list[str], runs: list[dict]) -> str | None:
+def line_plot(title: str, ylabel: str, keys: list[str], runs: list[dict], x: str = "step") -> str | None:
     """One line per (run, key) that has values; None when no run logged any of the keys."""
     lines = []
     for ri, run in enumerate(runs):
         for ki, key in enumerate(keys):
-            pts = [(r["step"], r[key]) for r in run["rows"] if isinstance(r.get(key), (int, float))
-                   and math.isfinite(r[key])]
+            pts = [(r[x], r[key]) for r in run["rows"] if isinstance(r.get(key), (int, float))
+                   and math.isfinite(r[key]) and x in r]
             if pts:
                 label = key if len(runs) == 1 else (run["name"] if len(keys) == 1 else f"{run['name']}: {key}")
                 lines.append((label, COLORS[ri % len(COLORS)] if len(runs) > 1 else COLORS[ki % len(COLORS)],
                               DASHES[ki % len(DASHES)] if len(runs) > 1 else "", pts))
     if not lines:
         return None
-    frame = Frame([x for *_, p in lines for x, _ in p], [y for *_, p in lines for _, y in p], ylabel)
+    frame = Frame([px for *_, p in lines for px, _ in p], [y for *_, p in lines for _, y in p], ylabel,
+                  "minutes of training" if x == "minutes" else x)
     body = [frame.svg()]
     for label, color, dash, pts in lines:
         path = " ".join(f"{frame.x(x):.1f},{frame.y(y):.1f}" for x, y in pts)
@@ -167,7 +172,7 @@ document.getElementById('render-check').textContent = JSON.stringify(plots);
 
 def render(run_dirs: list[Path]) -> str:
     runs = [load_run(Path(d)) for d in run_dirs]
-    plots = [p for title, ylabel, keys in LINES if (p := line_plot(title, ylabel, keys, runs))]
+    plots = [p for title, ylabel, keys, *x in LINES if (p := line_plot(title, ylabel, keys, runs, *x))]
     plots += [p for run in runs if (p := phase_bars(run, f"Time per step by phase: {run['name']}"))]
     names = ", ".join(run["name"] for run in runs)
     details = "".join(
