@@ -11,8 +11,8 @@ class LearnerConfig(BaseModel):
     num_ranks: int = Field(1, ge=1, description="learner actors, one DeepSpeed rank each")
     device: Literal["cpu", "cuda"] = "cpu"
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
-        "auto", description="compute dtype (master weights stay fp32); auto: bfloat16 where the device "
-        "computes it natively, else float32")
+        "auto", description="compute dtype (master weights stay fp32); auto: bfloat16 on a GPU that "
+        "computes it natively, float32 on CPUs (a bf16 learner learned less and was no faster there)")
     zero_stage: Literal["auto", 0, 1, 2, 3] = Field(
         "auto", description="DeepSpeed ZeRO stage; auto: 3 with several ranks, 1 with one (nothing to "
         "partition, and ZeRO-3's per-layer gather hooks cost ~30% of a CPU step; stage 0 reports no "

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from tests.conftest import ROOT
 
@@ -22,6 +23,10 @@ def test_default_run_raises_held_out_accuracy(tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["eval_accuracy_end"] >= summary["eval_accuracy_start"] + 0.08, summary
     rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
-    # bf16 engine vs bf16 learner on the same weights: ~0.04 measured (fp32: ~1e-6); stale weights give far more.
-    assert all(r["logprob_abs_diff_mean"] < 0.1 for r in rows), [r["logprob_abs_diff_mean"] for r in rows]
+    # engine vs learner logprobs on the same weights, at the floor of the dtypes `auto` chose: fp32 on
+    # both sides ~1e-6 (AVX2: 0.0 measured); a bf16 engine against an fp32 learner 0.03-0.07 per step
+    # at this lr (AMX), its weights' rounding alone
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    floor = 1e-4 if cfg["engines"]["dtype"] == cfg["learner"]["dtype"] == "float32" else 0.1
+    assert all(r["logprob_abs_diff_mean"] < floor for r in rows), (floor, [r["logprob_abs_diff_mean"] for r in rows])
     assert (run_dir / "checkpoints" / "final" / "model.safetensors").is_file()

@@ -18,6 +18,13 @@ def test_auto_is_bf16_only_where_native(caps, want):
     assert choose_dtype("auto", caps) == (want, None)
 
 
+@pytest.mark.parametrize("caps,want", [(AVX2, "float32"), (AVX512_BF16, "float32"), (SAPPHIRE, "float32"),
+                                       (A100, "bfloat16"), (V100, "float32")])
+def test_auto_keeps_a_cpu_learner_in_fp32(caps, want):
+    """Chosen by time to accuracy (bench learn): bf16 engines, an fp32 learner on CPUs."""
+    assert choose_dtype("auto", caps, "learner") == (want, None)
+
+
 def test_explicit_choice_wins_with_a_warning_on_a_cpu_without_bf16():
     dtype, warning = choose_dtype("bfloat16", AVX2)
     assert dtype == "bfloat16" and "AVX2" in warning and "float32" in warning
@@ -32,8 +39,10 @@ def test_resolved_config_records_the_choice(caplog):
         slow = resolve_precision(cfg, {"cpu": AVX2})
     assert (slow.engines.dtype, slow.learner.dtype) == ("float32", "float32")
     assert "engines.dtype = float32 (auto: cpu AVX2)" in caplog.text
-    fast = resolve_precision(load_config(overrides=["learner.dtype=float32"]), {"cpu": AVX512_BF16})
+    fast = resolve_precision(cfg, {"cpu": AVX512_BF16})
     assert (fast.engines.dtype, fast.learner.dtype) == ("bfloat16", "float32")
+    both = resolve_precision(load_config(overrides=["learner.dtype=bfloat16"]), {"cpu": AVX512_BF16})
+    assert (both.engines.dtype, both.learner.dtype) == ("bfloat16", "bfloat16")  # an explicit choice wins
     assert "dtype: auto" not in dump_config(fast) and cfg.engines.dtype == "auto"  # a copy
 
 
