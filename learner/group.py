@@ -31,10 +31,26 @@ def wait_all(refs: list, names: list[str], timeout_s: float, what: str) -> list:
         try:
             ray.get(ready[0])
         except ray.exceptions.RayActorError as e:
-            lines = [x for x in str(e).strip().splitlines() if x.strip()]
-            raise MemberDied(name[ready[0]], f"{what}: {name[ready[0]]} died ({lines[0] if lines else type(e).__name__})"
-                             f"{'; still waiting: ' + ', '.join(name[r] for r in pending) if pending else ''}") from None
+            raise _died(name, ready[0], e, pending, what) from None
+        except ray.exceptions.RayTaskError:
+            # A survivor's collective broke ("Connection reset by peer") before Ray reported the member
+            # that died: give Ray a few seconds to say who, so the caller restarts rather than fails.
+            done, _ = ray.wait(pending, num_returns=len(pending), timeout=10)
+            for ref in done:
+                try:
+                    ray.get(ref)
+                except ray.exceptions.RayActorError as e:
+                    raise _died(name, ref, e, [r for r in pending if r != ref], what) from None
+                except ray.exceptions.RayTaskError:
+                    pass
+            raise
     return ray.get(list(refs))
+
+
+def _died(name: dict, ref, error: BaseException, pending: list, what: str) -> MemberDied:
+    lines = [x for x in str(error).strip().splitlines() if x.strip()]
+    return MemberDied(name[ref], f"{what}: {name[ref]} died ({lines[0] if lines else type(error).__name__})"
+                      f"{'; still waiting: ' + ', '.join(name[r] for r in pending) if pending else ''}")
 
 
 def _get(ref, timeout_s: float, what: str):
