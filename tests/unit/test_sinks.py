@@ -1,6 +1,7 @@
 """The logging seam: one RunLog.step call reaches metrics.jsonl and TensorBoard, read back with
 TensorBoard's own reader."""
 import json
+import time
 
 from cluster.config import LoggingConfig, WandbConfig
 from cluster.metrics import RunLog
@@ -85,5 +86,8 @@ def test_wandb_offline_records_every_step_without_network(tmp_path, monkeypatch)
     log.step({"step": 1, "reward_mean": 0.25, "loss": -0.5})
     log.step({"step": 2, "reward_mean": 0.75, "loss": -0.25})
     log.close()
-    rows = wandb_history(tmp_path)
+    # wandb's service process writes the file: under load it may finish the write after finish() returns
+    deadline = time.monotonic() + 30
+    while len(rows := wandb_history(tmp_path)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert [(r["_step"], r["reward/mean"], r["loss"]) for r in rows] == [(1, 0.25, -0.5), (2, 0.75, -0.25)]
