@@ -70,17 +70,14 @@ class WeightSync:
         refs = self.learner.start("broadcast_weights", self.plan)
         refs += [e.load_weights.remote(self.plan) for e in self.engines]
         try:
-            versions = self._wait(refs, f"weight sync v{self.learner.version} ({len(self.plan.buckets)} buckets)",
-                                  self._members())
+            self.version = self._wait(refs, f"weight sync v{self.learner.version} ({len(self.plan.buckets)} "
+                                      "buckets)", self._members())[0]
         except MemberDied as e:
             if not e.member.startswith("engine"):
                 raise
             abort(*self._store)
             ray.wait(refs, num_returns=len(refs), timeout=self.timeout_s)  # the survivors' calls end
-            self.engines.replace(int(e.member.split()[1]), e)  # on_replaced: rejoin, push again
-            return {"time_sync_s": time.monotonic() - start, "sync_bytes": self.plan.total_bytes,
-                    "sync_version": self.version}
-        self.version = versions[0]
+            self.engines.replace(int(e.member.split()[1]), e)  # on_replaced: rejoin, push again (sets version)
         return {"time_sync_s": time.monotonic() - start, "sync_bytes": self.plan.total_bytes,
                 "sync_version": self.version}
 
